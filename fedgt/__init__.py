@@ -1,0 +1,1 @@
+"""fedgt: federated improvement of a large LM from small-LM LoRA updates (see README.md)."""

@@ -1,0 +1,188 @@
+"""The ``fedgt`` command line: thin wrappers that parse flags into typed configs and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedgt.finetune import FinetuneConfig
+from fedgt.lora import LoraSettings
+from fedgt.models import PAIRS, PRESETS
+from fedgt.privacy import DP_MODES, DPConfig
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=2)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
+    g.add_argument("--lora-init-seed", type=int, default=42)
+    g.add_argument("--lora-freeze-a", action="store_true", help="LoRA-FA: train B only, A stays at its seeded init")
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-length", type=int, default=96)
+    g.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("differential privacy")
+    d.add_argument("--dp-mode", choices=DP_MODES, default="none")
+    d.add_argument("--epsilon", type=float, default=None, help="dp-sgd: target ε of the run; update: ε of the release")
+    d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--noise-multiplier", type=float, default=None, help="dp-sgd: σ instead of --epsilon")
+    d.add_argument("--max-grad-norm", type=float, default=1.0, help="dp-sgd per-sample clip")
+    d.add_argument("--update-clip", type=float, default=1.0, help="update mode: L2 clip of the update")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--domain", help="a task domain name (see `fedgt domains`)")
+    g.add_argument("--data", type=Path, help="a folder of .txt / .jsonl files (your own data)")
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-test", type=int, default=128)
+
+
+def lora_settings(args: argparse.Namespace) -> LoraSettings:
+    """LoRA flags to a typed config."""
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.lora_init_seed,
+                        freeze_a=args.lora_freeze_a)
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """Fine-tuning flags to a typed config."""
+    return FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                          seed=args.seed)
+
+
+def dp_config(args: argparse.Namespace) -> DPConfig:
+    """DP flags to a typed config (validated there)."""
+    return DPConfig(mode=args.dp_mode, epsilon=args.epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
+                    max_grad_norm=args.max_grad_norm, update_clip=args.update_clip)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from fedgt.pretrain import prepare_preset
+
+    names = args.models.split(",") if args.models else list(PAIRS[args.pair])
+    torch.set_num_threads(args.threads)
+    for name in names:
+        t0 = time.time()
+        out = prepare_preset(name, seed=args.seed, force=args.force)
+        meta = json.loads((out / "fedgt_prepared.json").read_text())
+        print(f"{name}: {out}  ({meta['parameters']['non_embedding']:,} non-embedding params, "
+              f"pretrained in {meta['pretrain_seconds']:.0f} s; this call {time.time() - t0:.0f} s)")
+
+
+def cmd_domains(args: argparse.Namespace) -> None:
+    from fedgt.splits import make_domain_splits
+
+    splits = make_domain_splits(args.seed)
+    groups = {"pretrain": splits.pretrain, "shadow": splits.shadow,
+              "held_out_combination": splits.held_out_combination, "held_out_family": splits.held_out_family}
+    for group, domains in groups.items():
+        if args.group in (None, group):
+            print(f"# {group}: {len(domains)} domains")
+            if args.group:
+                print("\n".join(d.name for d in domains))
+
+
+def load_org_data(args: argparse.Namespace):
+    """The organization's data: a user folder, or a private task domain of the generator."""
+    from fedgt.data import load_user_domain, task_domain_data
+    from fedgt.splits import make_domain_splits
+    from fedgt.tasks import parse_domain
+    from fedgt.world import make_world
+
+    if args.data is not None:
+        return load_user_domain(args.data)
+    name = args.domain or make_domain_splits().held_out_combination[0].name
+    return task_domain_data(make_world(), parse_domain(name), args.n_train, args.n_test, seed=args.seed)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from fedgt.organization import describe_release, run_private_finetune
+
+    data = load_org_data(args)
+    report = run_private_finetune(args.model, data, lora_settings(args), finetune_config(args), dp_config(args),
+                                  out_dir=args.out)
+    print(describe_release(report))
+    print(json.dumps(report.summary(), indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from fedgt.organization import evaluate_model
+
+    data = load_org_data(args)
+    print(json.dumps(evaluate_model(args.model, data, adapter=args.adapter, max_length=args.max_length), indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from fedgt.demo import run_demo
+
+    run_demo(args, lora_settings(args), finetune_config(args), dp_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="fedgt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build the tokenizer and pretrain the model pair (cached)")
+    p.add_argument("--pair", choices=sorted(PAIRS), default="default")
+    p.add_argument("--models", help=f"comma-separated presets instead of a pair: {sorted(PRESETS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--force", action="store_true", help="pretrain again even if cached")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("domains", help="list the task domains and how they are split")
+    p.add_argument("--group", choices=["pretrain", "shadow", "held_out_combination", "held_out_family"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_domains)
+
+    p = sub.add_parser("finetune", help="one organization's private LoRA fine-tune; saves the update")
+    p.add_argument("--model", default="tinylm", help="a prepared preset, a local HF model dir, or a .gguf file")
+    p.add_argument("--out", type=Path, default=Path("runs/finetune"))
+    _add_data_args(p)
+    _add_lora_args(p)
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="loss, perplexity and exact match of a model (optionally with an adapter)")
+    p.add_argument("--model", default="tinylm")
+    p.add_argument("--adapter", type=Path, help="a peft adapter directory saved by `fedgt finetune`")
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: prepare the pair, fine-tune one organization, evaluate")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    _add_data_args(p)
+    _add_lora_args(p)
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedgt`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"fedgt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

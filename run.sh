@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up .venv (once; again when pyproject.toml changes) and run one job:
+#   bash run.sh demo   the main job: prepare the model pair (cached), one organization's private fine-tune + evaluation
+#   bash run.sh test   the default test suite (what CI runs)
+#   bash run.sh slow   the slow end-to-end tests
+set -euo pipefail
+cd "$(dirname "$0")"
+export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PYTHONUNBUFFERED=1
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "setting up .venv (first run only: ~2 minutes)"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q torch==2.13.0   # the CPU wheel; a bare `torch` would pull a multi-GB CUDA build
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  touch .venv/.installed
+fi
+job="${1:-}"
+[ $# -gt 0 ] && shift
+case "$job" in
+  demo) exec .venv/bin/fedgt demo "$@" ;;
+  test) exec .venv/bin/python -m pytest -q -m "not slow" "$@" ;;
+  slow) exec .venv/bin/python -m pytest -q -m slow "$@" ;;
+  *) echo "usage: bash run.sh {demo|test|slow} [args]" >&2; exit 2 ;;
+esac

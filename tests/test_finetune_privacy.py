@@ -1,0 +1,118 @@
+"""Local LoRA fine-tuning and its DP modes (Opacus DP-SGD and update-level noise)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedgt.finetune import FinetuneConfig, finetune
+from fedgt.lora import LoraSettings, attach_lora, lora_parameters
+from fedgt.models import build_model, get_preset
+from fedgt.privacy import DPConfig, gaussian_sigma
+from fedgt.tasks import generate, parse_domain
+from fedgt.tokenizer import train_char_tokenizer
+from fedgt.updates import spec_of, update_norm
+from fedgt.world import make_world
+
+TOK = train_char_tokenizer()
+EXAMPLES = generate(make_world(), parse_domain("string/reverse/pet/t0/f1"), "train", 32)
+
+
+def toy_lora(freeze_a: bool = False):
+    return attach_lora(build_model(get_preset("toy"), len(TOK), seed=0), LoraSettings(freeze_a=freeze_a))
+
+
+def run(dp: DPConfig = DPConfig(), **cfg):
+    model = toy_lora()
+    return model, finetune(model, TOK, EXAMPLES, FinetuneConfig(**{"steps": 6, "batch_size": 8, **cfg}), dp)
+
+
+def assert_updates_equal(a, b, atol=1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
+def test_finetune_returns_the_update_snapshots_and_metrics() -> None:
+    model, res = run(snapshot_steps=(2, 6))
+    assert set(res.update) == set(spec_of(model).keys)
+    assert update_norm(res.update) > 0
+    assert sorted(res.snapshots) == [2, 6]
+    assert_updates_equal(res.snapshots[6], res.update)
+    assert res.metrics["num-examples"] == len(EXAMPLES) and res.metrics["steps"] == 6
+    assert math.isfinite(res.metrics["train-loss"])
+
+
+def test_finetune_is_deterministic_for_a_seed() -> None:
+    assert_updates_equal(run(seed=3)[1].update, run(seed=3)[1].update, atol=0)
+    assert update_norm({k: run(seed=3)[1].update[k] - run(seed=4)[1].update[k] for k in run()[1].update}) > 0
+
+
+def test_lora_fa_updates_only_b() -> None:
+    model = toy_lora(freeze_a=True)
+    res = finetune(model, TOK, EXAMPLES, FinetuneConfig(steps=3, batch_size=8))
+    assert res.update and all(".lora_B." in k for k in res.update)
+
+
+def test_dp_sgd_without_noise_and_unbinding_clip_equals_plain_training() -> None:
+    plain = run()[1].update
+    dp = DPConfig(mode="dp-sgd", noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    model, private = run(dp)
+    assert_updates_equal(private.update, plain, atol=1e-5)
+    assert private.metrics["dp-noise-multiplier"] == 0.0
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus hooks and buffers removed
+
+
+def test_dp_sgd_with_a_target_epsilon_reports_what_the_accountant_spent() -> None:
+    model, res = run(DPConfig(mode="dp-sgd", epsilon=8.0, delta=1e-5))
+    assert 0 < res.metrics["dp-epsilon"] <= 8.0 * 1.02
+    assert res.metrics["dp-noise-multiplier"] > 0.3
+    assert res.metrics["dp-clip"] == 1.0
+    plain = run()[1].update
+    assert update_norm({k: res.update[k] - plain[k] for k in plain}) > 1e-3  # noise and clipping changed it
+
+
+def test_update_mode_clips_to_c_and_adds_calibrated_noise() -> None:
+    _, plain = run()
+    _, res = run(DPConfig(mode="update", epsilon=1e9, update_clip=0.05))  # noise ~0: only the clip shows
+    assert update_norm(res.update) == pytest.approx(0.05, rel=1e-3)
+    assert res.metrics["dp-update-norm"] == pytest.approx(update_norm(plain.update), rel=1e-5)
+    _, noisy = run(DPConfig(mode="update", epsilon=8.0, delta=1e-5, update_clip=1.0))
+    sigma = gaussian_sigma(1.0, 8.0, 1e-5)
+    assert noisy.metrics["dp-sigma"] == pytest.approx(sigma)
+    n = sum(t.numel() for t in noisy.update.values())
+    assert update_norm(noisy.update) == pytest.approx(sigma * math.sqrt(n), rel=0.15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "dpsgd"}, "dp.mode"),
+        ({"mode": "dp-sgd"}, "exactly one"),
+        ({"mode": "dp-sgd", "epsilon": 1.0, "noise_multiplier": 1.0}, "exactly one"),
+        ({"mode": "update"}, "needs dp.epsilon"),
+        ({"delta": 2.0}, "delta"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"max_grad_norm": 0.0}, "clip"),
+    ],
+)
+def test_bad_dp_settings_fail_with_the_key(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        DPConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
+                                               ({"snapshot_steps": (9,)}, "snapshot")])
+def test_bad_finetune_settings_fail(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**{"steps": 5, **kwargs})
+
+
+def test_finetune_leaves_the_lora_init_reproducible() -> None:
+    # The receiver rebuilds "before" from the seed alone: a fresh attach equals the trained model's init.
+    model, res = run()
+    fresh = lora_parameters(toy_lora())
+    after = lora_parameters(model)
+    assert_updates_equal({k: after[k] - res.update[k] for k in after}, fresh, atol=1e-6)
