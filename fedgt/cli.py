@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the main job: prepare the pair, fine-tune one organization, evaluate")
+    p.add_argument("--pair", choices=sorted(PAIRS), default="default")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     _add_data_args(p)
     _add_lora_args(p)

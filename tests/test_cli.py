@@ -63,3 +63,11 @@ def test_user_folder_data_from_the_command_line(toy_pair, tmp_path, capsys) -> N
     assert main(["finetune", "--model", "toy", "--data", str(folder), "--steps", "2", "--out",
                  str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "report.json").read_text())["data"] == "acme"
+
+
+def test_demo_runs_end_to_end_on_the_toy_pair(toy_pair, tmp_path, capsys) -> None:
+    assert main(["demo", "--pair", "toy", "--steps", "3", "--n-train", "16", "--n-test", "16", "--out",
+                 str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "released update" in printed and "LLM fine-tuned directly" in printed
+    assert (tmp_path / "tinylm" / "update.safetensors").is_file() and (tmp_path / "llm" / "adapter").is_dir()
