@@ -23,7 +23,7 @@ from fedgt.batching import encode, per_example_loss
 from fedgt.examples import Example, text_example
 from fedgt.models import PREPARED_META, ModelPreset, build_model, count_parameters, get_preset, prepared_dir
 from fedgt.splits import make_domain_splits
-from fedgt.tasks import generate
+from fedgt.tasks import arithmetic_practice, generate
 from fedgt.tokenizer import train_char_tokenizer
 from fedgt.world import make_world, sample_bios
 
@@ -38,6 +38,7 @@ class PretrainData:
     knowledge_fraction: float = 0.75  # lines stating facts: fact-table rows and short biographies
     table_fraction: float = 0.85  # of the knowledge lines, fact-table rows (the rest natural-language bios)
     text_fraction: float = 0.05  # real public text (chatterbot-corpus); the rest is task examples
+    arithmetic_fraction: float = 0.0  # public arithmetic drills on bare numbers (no facts)
     max_length: int = 96
 
 
@@ -61,8 +62,10 @@ def pretraining_corpus(cfg: PretrainData, n: int, seed: int) -> list[Example]:
     n_bio = int(n * cfg.knowledge_fraction)
     texts = public_texts()
     n_text = int(n * cfg.text_fraction) if texts else 0
-    n_task = n - n_bio - n_text
+    n_arith = int(n * cfg.arithmetic_fraction)
+    n_task = n - n_bio - n_text - n_arith
     examples = [text_example(t) for t in sample_bios(world, n_bio, seed, table_fraction=cfg.table_fraction)]
+    examples += arithmetic_practice(n_arith, seed)
     examples += [text_example(rng.choice(texts)) for _ in range(n_text)]
     per_domain = math.ceil(n_task / len(domains))
     tasks = [ex for d in domains for ex in generate(world, d, "public", per_domain, seed)]

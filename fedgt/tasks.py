@@ -132,6 +132,17 @@ def _prompt_and_answer(world: World, d: TaskDomain, p: str, rng: random.Random) 
     raise ValueError(f"unknown task family {d.family!r}")
 
 
+def arithmetic_practice(n: int, seed: int = 0) -> list[Example]:
+    """n public arithmetic drills on bare numbers ("What is twice 34?" -> "68"): the ops without the facts."""
+    rng = random.Random(f"arith-practice-{seed}")
+    out = []
+    for _ in range(n):
+        k_range, question, fn = ARITH_OPS[rng.choice(sorted(ARITH_OPS))]
+        a, k = rng.randint(1, 99), rng.randint(*k_range) if k_range else 0
+        out.append(task_example(question.format(thing=str(a), k=k), str(fn(a, k))))
+    return out
+
+
 def generate(world: World, domain: TaskDomain, split: str, n: int, seed: int = 0) -> list[Example]:
     """n examples of a domain drawn from its ``split`` people (with replacement when n exceeds them)."""
     people = split_people(world, domain, split)

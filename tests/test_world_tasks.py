@@ -137,3 +137,18 @@ def test_task_domain_is_ordered_and_named() -> None:
     d = TaskDomain("string", "reverse", "city", 2, 1)
     assert d.name == "string/reverse/city/t2/f1"
     assert d.combination == ("string", "reverse", "city")
+
+
+def test_arithmetic_drills_are_correct_and_never_name_a_person() -> None:
+    from fedgt.tasks import arithmetic_practice
+
+    drills = arithmetic_practice(200, seed=0)
+    assert drills == arithmetic_practice(200, seed=0)
+    for ex in drills:
+        question = ex.context.removeprefix("Q: ").removesuffix("\nA: ")
+        assert not any(re.search(rf"\b{p}\b", question) for p in WORLD.people)
+        if question.startswith("What is twice "):
+            assert int(ex.answer) == 2 * int(question.split()[-1].rstrip("?"))
+        if " plus " in question:
+            a, k = question.removeprefix("What is ").rstrip("?").split(" plus ")
+            assert int(ex.answer) == int(a) + int(k)
