@@ -6,7 +6,7 @@ domain's private train split and measure loss and exact match on its test split,
 Also records the pretraining cost and parameter counts of both models, and how many facts each
 model recalls (lookup domains), i.e. what the LLM's larger pretraining budget bought.
 
-    python simulations/bench_premise.py                 # default pair, 8 domains per group
+    python simulations/bench_premise.py                 # default pair, 16 domains per setting (~5 min)
     python simulations/bench_premise.py --per-group 2   # quick look
 Writes docs/results/premise.json and docs/premise.md.
 """
@@ -145,7 +145,7 @@ def model_info(name: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="default")
-    p.add_argument("--per-group", type=int, default=8)
+    p.add_argument("--per-group", type=int, default=16)
     p.add_argument("--n", type=int, default=128, help="train and test examples per domain")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
