@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -43,20 +44,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_
     # One batched call per side: the fast tokenizer does the loop in Rust.
     contexts = tokenizer([ex.context for ex in examples], add_special_tokens=False).input_ids
     targets = tokenizer([ex.target for ex in examples], add_special_tokens=False).input_ids
-    rows, masks = [], []
-    for ctx, tgt in zip(contexts, targets, strict=True):
-        ctx = bos + ctx
-        ids = (ctx + tgt)[:max_length]
-        rows.append(ids)
-        masks.append(([0] * len(ctx) + [1] * len(tgt))[:max_length])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, m) in enumerate(zip(rows, masks, strict=False)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        loss_mask[i, : len(m)] = torch.tensor(m)
+    rows = [(bos + ctx + tgt)[:max_length] for ctx, tgt in zip(contexts, targets, strict=True)]
+    lengths = np.array([len(r) for r in rows])
+    n_ctx = np.minimum([len(bos) + len(ctx) for ctx in contexts], lengths)
+    width = int(lengths.max())
+    # Fill all rows at once: positions below a row's length are real tokens, those past its context are target.
+    positions = np.arange(width)[None, :]
+    real = positions < lengths[:, None]
+    flat = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    ids[real] = flat  # boolean assignment fills row by row, left to right: the order ``flat`` was built in
+    input_ids = torch.from_numpy(ids)
+    attention = torch.from_numpy(real.astype(np.int64))
+    loss_mask = torch.from_numpy((real & (positions >= n_ctx[:, None])).astype(np.int64))
     return Encoded(input_ids, attention, loss_mask)
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from fedgt.batching import encode, per_example_loss
 from fedgt.examples import Example, text_example
 from fedgt.models import PREPARED_META, ModelPreset, build_model, count_parameters, get_preset, prepared_dir
 from fedgt.splits import make_domain_splits
 from fedgt.tasks import arithmetic_practice, generate
-from fedgt.tokenizer import train_char_tokenizer
+from fedgt.tokenizer import WORD_TOKENS, train_char_tokenizer
 from fedgt.world import make_world, sample_bios
 
 
@@ -40,6 +40,19 @@ class PretrainData:
     text_fraction: float = 0.05  # real public text (chatterbot-corpus); the rest is task examples
     arithmetic_fraction: float = 0.0  # public arithmetic drills on bare numbers (no facts)
     max_length: int = 96
+    tokenizer: str = "char+words"  # "char": one token per character; "char+words": plus fedgt.tokenizer.WORD_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"PretrainData.tokenizer must be one of {sorted(TOKENIZERS)}, got {self.tokenizer!r}")
+
+
+TOKENIZERS = {"char": (), "char+words": WORD_TOKENS}
+
+
+def make_tokenizer(cfg: PretrainData) -> PreTrainedTokenizerFast:
+    """The tokenizer a prepared model is trained with (deterministic for the config)."""
+    return train_char_tokenizer(public_texts(), words=TOKENIZERS[cfg.tokenizer])
 
 
 def public_texts() -> list[str]:
@@ -132,8 +145,7 @@ def prepare_preset(name: str, data: PretrainData = PretrainData(), seed: int = 0
     if (out / PREPARED_META).is_file() and not force:
         return out
     t0 = time.time()
-    texts = public_texts()
-    tokenizer = train_char_tokenizer(texts)
+    tokenizer = make_tokenizer(data)
     model = build_model(preset, len(tokenizer), seed)
     examples = pretraining_corpus(data, preset.pretrain_steps * preset.pretrain_batch, seed)
     losses = pretrain(model, tokenizer, preset, examples, data.max_length, seed, progress)

@@ -35,16 +35,19 @@ STRING_OPS: dict[str, tuple[str, Callable[[str], str]]] = {
 }
 STRING_TEMPLATES = ("{op} {attr} of {p}", "{attr} of {p}, {op}?", "{p}.{attr} ~", "{p} ~")
 
-# --- arith family (on a numeric attribute): op name -> (k range or None, question, function)
-ARITH_OPS: dict[str, tuple[tuple[int, int] | None, str, Callable[[int, int], int]]] = {
-    "add_small": ((1, 9), "What is {thing} plus {k}?", lambda a, k: a + k),
-    "add_big": ((10, 40), "What is {thing} plus {k}?", lambda a, k: a + k),
-    "sub_small": ((1, 9), "What is {thing} minus {k}?", lambda a, k: a - k),
-    "sub_big": ((10, 40), "What is {thing} minus {k}?", lambda a, k: a - k),
-    "double": (None, "What is twice {thing}?", lambda a, k: 2 * a),
-    "last_digit": (None, "What is the last digit of {thing}?", lambda a, k: a % 10),
-    "digit_sum": (None, "What is the digit sum of {thing}?", lambda a, k: sum(map(int, str(a)))),
-    "half": (None, "What is half of {thing}, rounded down?", lambda a, k: a // 2),
+# --- arith family (on a numeric attribute): op name -> (choices of k or None, question, function -> answer).
+# Digit-level operations: answering needs the recalled number (the LLM's knowledge), and the operation itself
+# is learnable by a small character-level model from a few hundred public examples. Multi-digit addition
+# with carries is not (both models scored ~2% on it: docs/premise.md), so it would only add noise.
+ARITH_OPS: dict[str, tuple[tuple[int, ...] | None, str, Callable[[int, int], str]]] = {
+    "add_one": ((1,), "What is {thing} plus {k}?", lambda a, k: str(a + k)),
+    "add_tens": ((10, 20, 30), "What is {thing} plus {k}?", lambda a, k: str(a + k)),
+    "sub_tens": ((10, 20, 30), "What is {thing} minus {k}?", lambda a, k: str(a - k)),
+    "last_digit": (None, "What is the last digit of {thing}?", lambda a, k: str(a % 10)),
+    "first_digit": (None, "What is the first digit of {thing}?", lambda a, k: str(a)[0]),
+    "swap_digits": (None, "What is {thing} written backwards?", lambda a, k: str(a)[::-1]),
+    "round_tens": (None, "What is {thing} rounded down to tens?", lambda a, k: str(a // 10 * 10)),
+    "tens_count": (None, "How many full tens are in {thing}?", lambda a, k: str(a // 10)),
 }
 ARITH_TEMPLATES = ("{question}", "{attr} of {p} {op} {k}", "{p} {k}?", "{p} & {k}")
 
@@ -120,12 +123,12 @@ def _prompt_and_answer(world: World, d: TaskDomain, p: str, rng: random.Random) 
         phrase, fn = STRING_OPS[d.op]
         return STRING_TEMPLATES[d.template].format(op=phrase, attr=d.attr, p=p), fn(world.value(p, d.attr))
     if d.family == "arith":
-        k_range, question, fn = ARITH_OPS[d.op]
-        k = rng.randint(*k_range) if k_range else 0
-        shown_k = str(k) if k_range else "?"
+        choices, question, fn = ARITH_OPS[d.op]
+        k = rng.choice(choices) if choices else 0
+        shown_k = str(k) if choices else "?"
         question = question.format(thing=NUMERIC_PHRASES[d.attr].format(p=p), k=k)
         prompt = ARITH_TEMPLATES[d.template].format(question=question, attr=d.attr, p=p, op=d.op, k=shown_k)
-        return prompt, str(fn(int(world.value(p, d.attr)), k))
+        return prompt, fn(int(world.value(p, d.attr)), k)
     if d.family == "compose":
         a, b = d.op.split("+")
         return COMPOSE_TEMPLATES[d.template].format(a=a, b=b, p=p), f"{world.value(p, a)}, {world.value(p, b)}"
@@ -133,13 +136,13 @@ def _prompt_and_answer(world: World, d: TaskDomain, p: str, rng: random.Random) 
 
 
 def arithmetic_practice(n: int, seed: int = 0) -> list[Example]:
-    """n public arithmetic drills on bare numbers ("What is twice 34?" -> "68"): the ops without the facts."""
+    """n public arithmetic drills on bare numbers ("What is 34 plus 1?" -> "35"): the ops without the facts."""
     rng = random.Random(f"arith-practice-{seed}")
     out = []
     for _ in range(n):
-        k_range, question, fn = ARITH_OPS[rng.choice(sorted(ARITH_OPS))]
-        a, k = rng.randint(1, 99), rng.randint(*k_range) if k_range else 0
-        out.append(task_example(question.format(thing=str(a), k=k), str(fn(a, k))))
+        choices, question, fn = ARITH_OPS[rng.choice(sorted(ARITH_OPS))]
+        a, k = rng.randint(1, 99), rng.choice(choices) if choices else 0
+        out.append(task_example(question.format(thing=str(a), k=k), fn(a, k)))
     return out
 
 

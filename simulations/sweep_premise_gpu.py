@@ -47,7 +47,7 @@ res = {}
 FT = [(100, 3e-3)]
 pre_doms = [d for d in splits.pretrain if d.template == 0][:: 12]
 for name, preset in presets.items():
-    tok = pretrain.train_char_tokenizer(pretrain.public_texts())
+    tok = pretrain.make_tokenizer(data)
     m = models.build_model(preset, len(tok)).to(dev)
     t = time.time()
     pretrain.pretrain(m, tok, preset, pretrain.pretraining_corpus(data, steps * 32, 0), 96, 0, progress=False)

@@ -19,7 +19,7 @@ TOK = train_char_tokenizer()
 def test_loss_mask_covers_exactly_the_target() -> None:
     data = encode(TOK, [task_example("hi?", "yo"), text_example("abc")], max_length=32)
     assert data.input_ids[0, 0] == TOK.bos_token_id
-    context_len = 1 + len("Q: hi?\nA: ")
+    context_len = 1 + 5  # <s>, "Q: ", h, i, ?, "\nA: " (the layout markers are single tokens)
     assert data.loss_mask[0].tolist()[: context_len + 3] == [0] * context_len + [1, 1, 1]  # "yo\n"
     assert int(data.loss_mask[1].sum()) == len("abc\n")
     assert data.attention_mask.sum(1).tolist() == [context_len + 3, 1 + 4]
@@ -45,7 +45,7 @@ def test_per_example_loss_matches_a_manual_computation() -> None:
         assert losses[i].item() == pytest.approx(manual.item(), abs=1e-5)
 
 
-def _overfit_toy(examples, steps: int = 150):
+def _overfit_toy(examples, steps: int = 300):
     torch.manual_seed(0)
     model = build_model(get_preset("toy"), len(TOK))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -83,3 +83,12 @@ def test_evaluate_loss_is_token_weighted_and_gives_perplexity() -> None:
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
     assert "exact_match" in evaluate_split(model, TOK, exs) and "exact_match" not in evaluate_split(
         model, TOK, [text_example("x")])
+
+
+def test_word_tokens_match_whole_words_only_and_decode_back() -> None:
+    text = "Q: page of Bo, city Varo; the age of Kim\nA: x"
+    ids = TOK(text, add_special_tokens=False).input_ids
+    tokens = TOK.convert_ids_to_tokens(ids)
+    assert "Q: " in tokens and ", " in tokens and "city" in tokens and " age" in tokens and "\nA: " in tokens
+    assert "age" not in tokens  # "page" stays characters
+    assert TOK.decode(ids) == text

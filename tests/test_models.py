@@ -18,7 +18,7 @@ def test_char_tokenizer_round_trips_and_reloads(tmp_path) -> None:
     tok = train_char_tokenizer(["héllo"] * 10)
     text = "Q: reverse Varno?\nA: = onraV\n é"
     ids = tok(text, add_special_tokens=False).input_ids
-    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert len(ids) == len(text) - 2 - 3 and tok.decode(ids) == text  # "Q: " and "\nA: " are one token each
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(text, add_special_tokens=False).input_ids == ids

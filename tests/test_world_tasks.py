@@ -8,6 +8,7 @@ import pytest
 
 from fedgt.splits import make_domain_splits
 from fedgt.tasks import (
+    ARITH_OPS,
     FAMILIES,
     SPLITS,
     TaskDomain,
@@ -64,8 +65,9 @@ def test_bad_domain_names_are_rejected(bad: str) -> None:
         ("lookup/city/-/t0/f0", lambda f: f["city"]),
         ("string/reverse/pet/t0/f1", lambda f: "= " + f["pet"][::-1]),
         ("string/length/job/t3/f2", lambda f: f"[{len(f['job'])}]"),
-        ("arith/double/number/t0/f3", lambda f: f"ans {2 * int(f['number'])}"),
-        ("arith/digit_sum/age/t2/f0", lambda f: str(sum(map(int, f["age"])))),
+        ("arith/swap_digits/number/t0/f3", lambda f: f"ans {f['number'][::-1]}"),
+        ("arith/first_digit/age/t2/f0", lambda f: f["age"][0]),
+        ("arith/round_tens/age/t1/f2", lambda f: f"[{int(f['age']) // 10 * 10}]"),
         ("compose/color+pet/-/t1/f0", lambda f: f"{f['color']}, {f['pet']}"),
     ],
 )
@@ -78,10 +80,14 @@ def test_answers_are_computed_from_the_person_in_the_prompt(name, answer_of) -> 
 
 
 def test_add_ops_show_k_and_use_it() -> None:
-    domain = parse_domain("arith/add_small/age/t2/f0")
-    for ex in generate(WORLD, domain, "test", 20):
-        person, k = ex.context.removeprefix("Q: ").split("?")[0].split()
-        assert int(ex.answer) == int(WORLD.facts[person]["age"]) + int(k)
+    for op, sign in (("add_tens", 1), ("sub_tens", -1), ("add_one", 1)):
+        domain = parse_domain(f"arith/{op}/age/t2/f0")
+        ks = set()
+        for ex in generate(WORLD, domain, "test", 20):
+            person, k = ex.context.removeprefix("Q: ").split("?")[0].split()
+            assert int(ex.answer) == int(WORLD.facts[person]["age"]) + sign * int(k)
+            ks.add(int(k))
+        assert ks == set(ARITH_OPS[op][0])
 
 
 def test_hidden_templates_give_identical_prompts_across_ops() -> None:
