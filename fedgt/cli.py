@@ -130,6 +130,71 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args, lora_settings(args), finetune_config(args), dp_config(args))
 
 
+def _curation_config(args: argparse.Namespace):
+    from fedgt.privacy import DPConfig
+    from fedgt.shadow import DEFAULT_SNAPSHOTS, CurationConfig
+
+    snapshots = tuple(int(s) for s in args.snapshots.split(",")) if args.snapshots else DEFAULT_SNAPSHOTS
+    ft = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                        seed=args.seed, snapshot_steps=snapshots)
+    tiny_dp = DPConfig(mode="dp-sgd", epsilon=args.tiny_dp_epsilon) if args.tiny_dp_epsilon else DPConfig()
+    return CurationConfig(tiny_model=args.tiny, llm_model=args.llm, lora=lora_settings(args), finetune=ft,
+                          tiny_dp=tiny_dp, n_examples=args.n_examples)
+
+
+def _resolve_model(spec: str) -> str:
+    """A preset name becomes its prepared directory (so stored configs name the exact model)."""
+    from fedgt.models import PRESETS, find_prepared
+    from fedgt.pretrain import prepare_preset
+
+    if spec in PRESETS:
+        return str(find_prepared(spec) or prepare_preset(spec))
+    return spec
+
+
+def cmd_curate(args: argparse.Namespace) -> None:
+    from fedgt.provider import shadow_domains
+    from fedgt.shadow import curate, load_pairs
+
+    args.tiny, args.llm = _resolve_model(args.tiny), _resolve_model(args.llm)
+    cfg = _curation_config(args)
+    domains = shadow_domains(args.n_examples, args.domains, args.seed, args.shadow_data,
+                             builtin=not args.no_builtin_shadow)
+    manifest = curate([(d.name, list(d.train)) for d in domains], cfg, args.out, workers=args.workers)
+    pairs = load_pairs(args.out)
+    print(f"{len(pairs.names)} domains, {len(pairs.tiny)} pairs in {args.out}; "
+          f"{len(pairs.tiny) / max(manifest['cpu_seconds'] / 60, 1e-9):.1f} pairs per CPU-minute, "
+          f"{manifest['wall_seconds']:.0f} s wall in total")
+
+
+def cmd_train_gt(args: argparse.Namespace) -> None:
+    from fedgt.grad_transformer import best_device
+    from fedgt.judge import LLMJudge
+    from fedgt.provider import shadow_domains
+    from fedgt.shadow import load_pairs
+    from fedgt.train_gt import TrainConfig, gt_config_for, train_gt
+
+    pairs = load_pairs(args.pairs)
+    cfg = pairs.manifest["config"]
+    lora = LoraSettings(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
+    gcfg = gt_config_for(pairs, kind=args.kind, decoder="autoregressive" if args.kind == "paper_gt" else args.decoder,
+                         d_model=args.d_model, enc_layers=args.layers, dec_layers=args.layers, ffn=2 * args.d_model)
+    tcfg = TrainConfig(objective=args.objective, select_on=args.select_on, epochs=args.epochs, lr=args.gt_lr,
+                       batch_size=args.gt_batch_size, patience=args.patience, seed=args.seed)
+    device = args.device or str(best_device())
+    needs_llm = tcfg.objective != "mse" or tcfg.select_on == "functional"
+    judge = LLMJudge(cfg["llm_model"], lora, device=device) if needs_llm else None
+    domains = {d.name: d for d in shadow_domains(cfg["n_examples"], None, cfg["finetune"]["seed"], args.shadow_data,
+                                                 builtin=not args.no_builtin_shadow)}
+    missing = [n for n in pairs.names if n not in domains]
+    if missing:
+        raise ValueError(f"curated domains {missing[:3]} are not in the shadow data given here (same --shadow-data?)")
+    record = train_gt(pairs, gcfg, tcfg, judge, {n: list(domains[n].train) for n in pairs.names},
+                      {n: list(domains[n].test) for n in pairs.names}, args.out)
+    print(f"best epoch {record['best_epoch']} (val {tcfg.select_on} {record['best_val']:.4f}), "
+          f"{record['seconds']:.0f} s on {record['device']}; checkpoint in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="fedgt", description=__doc__)
@@ -163,6 +228,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("curate", help="provider: fine-tune TinyLM and LLM on shadow domains, store update pairs")
+    p.add_argument("--tiny", default="tinylm", help="TinyLM: a preset or a local model dir")
+    p.add_argument("--llm", default="llm", help="LLM: a preset or a local model dir")
+    p.add_argument("--out", type=Path, default=Path("runs/shadow"))
+    p.add_argument("--domains", type=int, default=None, help="how many built-in shadow domains (default all)")
+    p.add_argument("--shadow-data", type=Path, help="your shadow domains: one subfolder of files per domain")
+    p.add_argument("--no-builtin-shadow", action="store_true", help="use only --shadow-data")
+    p.add_argument("--n-examples", type=int, default=128, help="examples per shadow subset")
+    p.add_argument("--snapshots", default=None, help="comma-separated snapshot steps (default 60,70,80,90,100)")
+    p.add_argument("--tiny-dp-epsilon", type=float, default=None, help="curate the TinyLM side under DP-SGD at this ε")
+    p.add_argument("--workers", type=int, default=2)
+    _add_lora_args(p)
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("train-gt", help="provider: train the Grad-Transformer on curated pairs")
+    p.add_argument("--pairs", type=Path, default=Path("runs/shadow"), help="a `fedgt curate` output folder")
+    p.add_argument("--out", type=Path, default=Path("runs/gt"))
+    p.add_argument("--kind", choices=["gt", "paper_gt"], default="gt")
+    p.add_argument("--decoder", choices=["parallel", "autoregressive"], default="parallel")
+    p.add_argument("--objective", choices=["functional", "mse", "mix"], default="functional")
+    p.add_argument("--select-on", choices=["functional", "mse"], default="functional")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--gt-lr", type=float, default=1e-3)
+    p.add_argument("--gt-batch-size", type=int, default=32)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    p.add_argument("--shadow-data", type=Path, help="the same --shadow-data given to `fedgt curate`")
+    p.add_argument("--no-builtin-shadow", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_gt)
 
     p = sub.add_parser("demo", help="the main job: prepare the pair, fine-tune one organization, evaluate")
     p.add_argument("--pair", choices=sorted(PAIRS), default="default")

@@ -32,22 +32,19 @@ def evaluate_loss(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
 
 
 @torch.no_grad()
-def exact_match_greedy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32,
-                       batch_size: int = 64) -> float:
-    """Fraction of task examples whose greedy continuation, up to the first newline, equals the answer."""
-    tasks = [ex for ex in examples if ex.is_task]
-    if not tasks:
-        raise ValueError("exact_match: no task examples (free text has no exact-match answer)")
+def greedy_answers(model: torch.nn.Module, tokenizer, contexts: Sequence[str], max_new_tokens: int = 32,
+                   batch_size: int = 64) -> list[str]:
+    """The greedy continuation of each context, up to its first newline."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     newline = tokenizer(END_OF_ANSWER, add_special_tokens=False).input_ids
     stop = [t for t in (newline[-1:] if len(newline) == 1 else []) + [tokenizer.eos_token_id] if t is not None]
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(tasks), batch_size):
-        chunk = tasks[start:start + batch_size]
-        prompts = [bos + tokenizer(ex.context, add_special_tokens=False).input_ids for ex in chunk]
+    answers = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start:start + batch_size]
+        prompts = [bos + tokenizer(c, add_special_tokens=False).input_ids for c in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # left padding for generation
         mask = torch.zeros_like(ids)
@@ -57,11 +54,20 @@ def exact_match_greedy(model: torch.nn.Module, tokenizer, examples: Sequence[Exa
         device = model_device(model)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=stop, pad_token_id=pad)
-        for ex, row in zip(chunk, out[:, width:].cpu(), strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += text.split(END_OF_ANSWER)[0] == ex.answer
+        answers += [tokenizer.decode(row, skip_special_tokens=True).split(END_OF_ANSWER)[0]
+                    for row in out[:, width:].cpu()]
     model.train(was_training)
-    return correct / len(tasks)
+    return answers
+
+
+def exact_match_greedy(model: torch.nn.Module, tokenizer, examples: Sequence[Example], max_new_tokens: int = 32,
+                       batch_size: int = 64) -> float:
+    """Fraction of task examples whose greedy continuation, up to the first newline, equals the answer."""
+    tasks = [ex for ex in examples if ex.is_task]
+    if not tasks:
+        raise ValueError("exact_match: no task examples (free text has no exact-match answer)")
+    answers = greedy_answers(model, tokenizer, [ex.context for ex in tasks], max_new_tokens, batch_size)
+    return sum(a == ex.answer for a, ex in zip(answers, tasks, strict=True)) / len(tasks)
 
 
 @torch.no_grad()

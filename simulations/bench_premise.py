@@ -150,23 +150,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freeze-a", action="store_true", help="LoRA-FA (B only), as the federation uses")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     args = p.parse_args()
     t0 = time.time()
     tiny_name, llm_name = PAIRS[args.pair]
     for name in (tiny_name, llm_name):
         prepare_preset(name)
-    cfg, lora = FinetuneConfig(steps=args.steps, lr=args.lr, seed=args.seed), LoraSettings()
+    cfg, lora = FinetuneConfig(steps=args.steps, lr=args.lr, seed=args.seed), LoraSettings(freeze_a=args.freeze_a)
     domains = pick_domains(args.per_group, args.seed)
     tiny = run_model(tiny_name, domains, cfg, lora, args.n)
     llm = run_model(llm_name, domains, cfg, lora, args.n)
     result = {
         "command": "python simulations/bench_premise.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+            for k, v in vars(args).items() if k != "out" and v is not False),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",
         "models": {"tiny": model_info(tiny_name), "llm": model_info(llm_name)},
         "finetune": f"{cfg.steps} steps, lr {cfg.lr}, batch {cfg.batch_size}, {args.n} train examples",
-        "lora": f"r={lora.r}, alpha={lora.alpha}, {','.join(lora.target_modules)}",
+        "lora": f"r={lora.r}, alpha={lora.alpha}, {','.join(lora.target_modules)}"
+                + (", A frozen (LoRA-FA)" if lora.freeze_a else ""),
         "summary": summarize(tiny, llm), "tiny": tiny, "llm": llm, "wall_seconds": time.time() - t0,
     }
     (args.out / "results").mkdir(parents=True, exist_ok=True)

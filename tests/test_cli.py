@@ -71,3 +71,22 @@ def test_demo_runs_end_to_end_on_the_toy_pair(toy_pair, tmp_path, capsys) -> Non
     printed = capsys.readouterr().out
     assert "released update" in printed and "LLM fine-tuned directly" in printed
     assert (tmp_path / "tinylm" / "update.safetensors").is_file() and (tmp_path / "llm" / "adapter").is_dir()
+
+
+def test_curate_then_train_gt_from_the_command_line(toy_pair, tmp_path, capsys) -> None:
+    pairs, gt = tmp_path / "pairs", tmp_path / "gt"
+    assert main(["curate", "--tiny", "toy", "--llm", "toy-large", "--domains", "4", "--steps", "4",
+                 "--snapshots", "3,4", "--batch-size", "4", "--n-examples", "16", "--workers", "1",
+                 "--out", str(pairs)]) == 0
+    assert "4 domains, 8 pairs" in capsys.readouterr().out
+    assert main(["train-gt", "--pairs", str(pairs), "--out", str(gt), "--epochs", "2", "--d-model", "32",
+                 "--layers", "1", "--gt-batch-size", "4"]) == 0
+    assert "best epoch" in capsys.readouterr().out
+    assert json.loads((gt / "config.json").read_text())["gt"]["tgt_tokens"] == 3  # toy-large has 3 layers
+    # A second run resumes: nothing left to train, same checkpoint.
+    before = (gt / "model.safetensors").read_bytes()
+    assert main(["train-gt", "--pairs", str(pairs), "--out", str(gt), "--epochs", "2", "--d-model", "32",
+                 "--layers", "1", "--gt-batch-size", "4"]) == 0
+    assert (gt / "model.safetensors").read_bytes() == before
+    assert main(["train-gt", "--pairs", str(tmp_path / "none"), "--out", str(gt)]) == 2
+    assert "fedgt curate" in capsys.readouterr().err

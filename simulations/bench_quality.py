@@ -1,0 +1,312 @@
+"""Quality benchmark of the Grad-Transformer against the baselines a user would pick instead.
+
+    python simulations/bench_quality.py            # full mode, default pair (see docs/results/quality.md)
+    python simulations/bench_quality.py --quick    # toy pair, a few domains: minutes (used by a slow test)
+
+Pipeline (everything cached under $FEDGT_CACHE, resumable): prepare the pair -> curate shadow pairs ->
+train the GT (functional, parallel decoder), its autoregressive variant and the paper-faithful GT (T5, MSE)
+-> fit mean / kNN / ridge on the same pairs -> simulate organizations on private domains of three
+settings (same_distribution, held_out_combination, held_out_family; plus user_data with --private-data)
+-> score every method's LLM update on each organization's test split -> LGR / PGR, per domain and pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from fedgt.baselines import MeanUpdate, NearestShadow, RidgeMap, select
+from fedgt.data import DomainData, load_user_domains, task_domain_data
+from fedgt.finetune import FinetuneConfig
+from fedgt.grad_transformer import best_device, load_gt, predict
+from fedgt.judge import LLMJudge
+from fedgt.lora import LoraSettings
+from fedgt.metrics import per_domain, summarize
+from fedgt.models import PAIRS, cache_dir
+from fedgt.pretrain import PretrainData, prepare_preset
+from fedgt.private_eval import OrgConfig, config_json, run_orgs
+from fedgt.probes import probe_features, probe_prompts
+from fedgt.provider import shadow_domains
+from fedgt.shadow import CurationConfig, curate, load_pairs
+from fedgt.splits import make_domain_splits
+from fedgt.train_gt import TrainConfig, functional_val_loss, gt_config_for, split_domains, train_gt
+from fedgt.world import make_world
+
+SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
+METHODS = ("gt", "gt_shuffled_input", "gt_autoregressive", "gt_weights_only", "paper_gt", "mean_update", "knn", "ridge",
+           "proxy_tuning", "tiny_sample_kd", "tiny_ft", "llm_base", "llm_ft")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="toy pair, few domains and epochs (minutes)")
+    p.add_argument("--pair", choices=sorted(PAIRS), default=None)
+    p.add_argument("--shadow-domains", type=int, default=None, help="built-in shadow domains to curate (default all)")
+    p.add_argument("--per-setting", type=int, default=None, help="private domains per setting")
+    p.add_argument("--n-train", type=int, default=128, help="private training examples per organization")
+    p.add_argument("--n-test", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (organizations and curation)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (both models)")
+    p.add_argument("--gt-epochs", type=int, default=None)
+    p.add_argument("--probes", type=int, default=32, help="probe prompts the GT reads the update through (0: none)")
+    p.add_argument("--private-data", type=Path, help="your private domains: one subfolder of files per organization")
+    p.add_argument("--shadow-data", type=Path, help="your shadow domains: one subfolder of files per domain")
+    p.add_argument("--no-builtin-shadow", action="store_true", help="curate only --shadow-data")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--name", default=None, help="output file stem (default quality, or quality_quick)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.pair = args.pair or ("toy" if quick else "default")
+    args.shadow_domains = args.shadow_domains if args.shadow_domains is not None else (24 if quick else None)
+    args.per_setting = args.per_setting or (2 if quick else 16)
+    args.steps = args.steps or (30 if quick else 100)
+    args.lr = args.lr or (1e-2 if quick else 3e-3)
+    args.gt_epochs = args.gt_epochs or (6 if quick else 40)
+    args.name = args.name or ("quality_quick" if quick else "quality")
+    return args
+
+
+def private_domains(args, shadow_train_names: list[str]) -> dict[str, list[DomainData]]:
+    """The organizations' private domains of each setting (private people: never in any public data)."""
+    world = make_world(PretrainData().num_people, seed=PretrainData().world_seed)
+    splits = make_domain_splits(PretrainData().splits_seed)
+    rng = random.Random(f"bench-quality-{args.seed}")
+    by_name = {d.name: d for d in splits.shadow}
+    pools = {"same_distribution": [by_name[n] for n in shadow_train_names if n in by_name],
+             "held_out_combination": list(splits.held_out_combination),
+             "held_out_family": list(splits.held_out_family)}
+    out = {}
+    for setting in [s for s in args.settings.split(",") if s]:
+        if setting not in pools:
+            raise ValueError(f"--settings: unknown setting {setting!r}; choose from {SETTINGS}")
+        pool = sorted(pools[setting])
+        picked = sorted(rng.sample(pool, min(args.per_setting, len(pool))))
+        out[setting] = [task_domain_data(world, d, args.n_train, args.n_test, args.seed) for d in picked]
+    if args.private_data is not None:
+        out["user_data"] = load_user_domains(args.private_data)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    tiny_name, llm_name = PAIRS[args.pair]
+    tiny_path, llm_path = (str(prepare_preset(n)) for n in (tiny_name, llm_name))
+    lora = LoraSettings()  # the paper's raw factors: LoRA-FA fine-tunes the LLM much worse here (docs/premise.md)
+    snaps = tuple(range(args.steps - 40, args.steps + 1, 10)) if args.steps > 40 else (args.steps // 2, args.steps)
+    ft = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=16, snapshot_steps=snaps, seed=args.seed)
+    timings: dict[str, float] = {}
+
+    # --- provider: curation -----------------------------------------------------------------------------------
+    shadow = shadow_domains(128, args.shadow_domains, args.seed, args.shadow_data, builtin=not args.no_builtin_shadow)
+    ccfg = CurationConfig(tiny_model=tiny_path, llm_model=llm_path, lora=lora, finetune=ft, n_examples=128)
+    cur_dir = cache_dir() / "shadow" / f"{args.pair}-{_hash(ccfg.to_json())}"
+    print(f"curating {len(shadow)} shadow domains into {cur_dir}", flush=True)
+    t0 = time.time()
+    manifest = curate([(d.name, list(d.train)) for d in shadow], ccfg, cur_dir, workers=args.workers)
+    timings["curation_wall_s_this_call"] = time.time() - t0
+    pairs = load_pairs(cur_dir).select_domains([d.name for d in shadow])
+    timings["curation_pairs"] = len(pairs.tiny)
+    timings["curation_pairs_per_cpu_minute"] = len(pairs.tiny) / (manifest["cpu_seconds"] / 60)
+    train_names, val_names = split_domains(pairs.names, 0.1, args.seed)
+    train_examples = {d.name: list(d.train) for d in shadow}
+    val_examples = {d.name: list(d.test) for d in shadow}
+
+    # --- provider: the Grad-Transformers ----------------------------------------------------------------------
+    device = best_device()
+    judge = LLMJudge(llm_path, lora, device=device)
+    tiny_judge = LLMJudge(tiny_path, lora, device=device)  # rebuilds tuned TinyLMs to read them through probes
+    prompts = probe_prompts(shadow, args.probes, args.seed) if args.probes else []
+    t0 = time.time()
+    pairs.probes = probe_features(tiny_judge, pairs.tiny, prompts) if prompts else None
+    timings["probe_features_s"] = time.time() - t0
+    small = dict(d_model=128, n_heads=4, ffn=256) if args.quick else {}
+    probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
+    train_cfg = TrainConfig(epochs=args.gt_epochs, seed=args.seed)
+    variants = {
+        "gt": (gt_config_for(pairs, decoder="parallel", **small, **probe), train_cfg),
+        "gt_autoregressive": (gt_config_for(pairs, decoder="autoregressive", **small, **probe), train_cfg),
+        "gt_weights_only": (gt_config_for(pairs, decoder="parallel", **small), train_cfg),
+        "paper_gt": (gt_config_for(pairs, kind="paper_gt", decoder="autoregressive", **small),
+                     TrainConfig(objective="mse", select_on="mse", lr=5e-4, epochs=max(args.gt_epochs, 50) if not
+                                 args.quick else args.gt_epochs, patience=15, seed=args.seed)),
+    }
+    gts, gt_records = {}, {}
+    for name, (gcfg, tcfg) in variants.items():
+        gt_dir = cache_dir() / "gt" / f"{name}-{_hash([gcfg, tcfg, str(cur_dir), pairs.names, prompts])}"
+        if not (gt_dir / "history.json").is_file():
+            print(f"training {name} -> {gt_dir}", flush=True)
+            train_gt(pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir)
+        gt_records[name] = json.loads((gt_dir / "history.json").read_text())
+        gts[name], _ = load_gt(gt_dir, device)
+
+    # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
+    fit = pairs.select_domains(train_names)
+    val = pairs.select_domains(val_names).final()
+    val_sets = [val_examples[n][:32] for n in val.names]
+    crit = lambda pred: functional_val_loss(judge, pred, val_sets)  # noqa: E731
+    knn, knn_scores = select(lambda k: NearestShadow(fit, int(k)), [1, 3, 5, 10], val.tiny, crit)
+    ridge, ridge_scores = select(lambda a: RidgeMap(fit, a), [1.0, 10.0, 100.0, 1e3, 1e4, 1e5], val.tiny, crit)
+    maps = {"mean_update": MeanUpdate(fit), "knn": knn, "ridge": ridge}
+
+    # --- organizations -------------------------------------------------------------------------------------------
+    settings = private_domains(args, train_names)
+    rng = random.Random(f"kd-{args.seed}")
+    kd_prompts = tuple(ex.context for ex in rng.sample([ex for d in shadow for ex in d.train], 256))
+    ocfg = OrgConfig(tiny_model=tiny_path, llm_model=llm_path, lora=lora, finetune=replace(ft, snapshot_steps=()),
+                     kd_prompts=kd_prompts)
+    all_domains = [d for ds in settings.values() for d in ds]
+    print(f"simulating {len(all_domains)} organizations", flush=True)
+    t0 = time.time()
+    orgs = {r["name"]: r for r in run_orgs(all_domains, ocfg, workers=args.workers)}
+    timings["organizations_wall_s"] = time.time() - t0
+
+    # --- score every method --------------------------------------------------------------------------------------
+    results: dict = {"settings": {}}
+    for setting, domains in settings.items():
+        names = [d.name for d in domains]
+        tiny = torch.stack([orgs[n]["tokens"]["tiny"] for n in names])
+        probes = probe_features(tiny_judge, tiny, prompts) if prompts else None
+        # Another organization's update (a derangement when there are >= 2), read through its own probes.
+        shuffled, shuffled_probes = tiny.roll(1, dims=0), None if probes is None else probes.roll(1, dims=0)
+        tokens = {
+            "gt": predict(gts["gt"], tiny, probes), "gt_shuffled_input": predict(gts["gt"], shuffled, shuffled_probes),
+            "gt_autoregressive": predict(gts["gt_autoregressive"], tiny, probes),
+            "gt_weights_only": predict(gts["gt_weights_only"], tiny), "paper_gt": predict(gts["paper_gt"], tiny),
+            **{m: maps[m].predict(tiny) for m in maps},
+            "llm_base": torch.zeros(len(names), judge.spec.num_layers, judge.spec.token_dim),
+            "llm_ft": torch.stack([orgs[n]["tokens"]["llm_ft"] for n in names]),
+            "tiny_sample_kd": torch.stack([orgs[n]["tokens"]["tiny_sample_kd"] for n in names]),
+        }
+        tests = [list(d.test) for d in domains]
+        rows = {n: {} for n in names}
+        for method, toks in tokens.items():
+            for n, score in zip(names, judge.score(toks, tests), strict=True):
+                rows[n][method] = score
+        for n in names:
+            for m in ("tiny_ft", "tiny_base", "proxy_tuning"):
+                if m in orgs[n]["scores"]:
+                    rows[n][m] = orgs[n]["scores"][m]
+        summary = summarize(rows, [m for m in METHODS if any(m in r for r in rows.values())])
+        results["settings"][setting] = {
+            "summary": summary,
+            "domains": {n: {"scores": rows[n], "ratios": {m: per_domain(rows[n], m) for m in rows[n]}} for n in names},
+        }
+
+    # --- costs ---------------------------------------------------------------------------------------------------
+    one = torch.stack([next(iter(orgs.values()))["tokens"]["tiny"]])
+    one_probes = probe_features(tiny_judge, one, prompts) if prompts else None
+    t0 = time.perf_counter()
+    for _ in range(5):
+        probe_features(tiny_judge, one, prompts) if prompts else None
+    timings["probe_features_ms_per_org"] = (time.perf_counter() - t0) / 5 * 1e3
+    for name in ("gt", "gt_autoregressive", "gt_weights_only", "paper_gt"):
+        p_one = one_probes if gts[name].cfg.probe_tokens else None
+        predict(gts[name], one, p_one)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            predict(gts[name], one, p_one)
+        timings[f"{name}_inference_ms_per_org"] = (time.perf_counter() - t0) / 20 * 1e3
+        timings[f"{name}_train_s"] = gt_records[name]["seconds"]
+    timings["llm_ft_cpu_s_per_org"] = sum(o["seconds"]["llm_ft"] for o in orgs.values()) / len(orgs)
+    kd_seconds = [o["seconds"].get("tiny_sample_kd", 0.0) for o in orgs.values()]
+    timings["tiny_sample_kd_cpu_s_per_org"] = sum(kd_seconds) / len(kd_seconds)
+    timings["tiny_ft_cpu_s_per_org"] = sum(o["seconds"]["tiny_ft"] for o in orgs.values()) / len(orgs)
+    timings["total_wall_s"] = time.time() - t_start
+    results.update({
+        "command": "python simulations/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
+                   f"python {platform.python_version()}, torch {torch.__version__}",
+        "pair": {"tiny": tiny_path, "llm": llm_path}, "lora": asdict(lora), "finetune": asdict(ft),
+        "organizations": config_json(ocfg) | {"n_train": args.n_train, "n_test": args.n_test},
+        "curation": {"dir": str(cur_dir), "domains": len(pairs.names), "pairs": len(pairs.tiny),
+                     "train_domains": len(train_names), "val_domains": len(val_names)},
+        "gt": {k: {kk: v[kk] for kk in ("gt", "config", "best_epoch", "best_val", "seconds", "parameters", "device")}
+               for k, v in gt_records.items()},
+        "baselines": {"knn_k": knn.k, "knn_val": knn_scores, "ridge_alpha": ridge.alpha, "ridge_val": ridge_scores},
+        "timings": timings,
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / f"{args.name}.md").write_text(render_markdown(results))
+    plot(results, args.out / f"{args.name}.png")
+    print(render_markdown(results).split("## Per domain")[0])
+    return results
+
+
+def _fmt(x: float, pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
+
+
+def render_markdown(r: dict) -> str:
+    lines = [f"# Quality benchmark: {r['pair']['llm'].split('/')[-1]} updated from {r['pair']['tiny'].split('/')[-1]}",
+             "", f"Command: `{r['command']}`  ", f"Machine: {r['machine']}", "",
+             "LGR = (P − P_llm_base)/(P_llm_ft − P_llm_base); PGR = (P − P_tiny_ft)/(P_llm_ft − P_tiny_ft); pooled "
+             "over the setting's domains (sums of gains); P = test loss (columns without _acc) or exact match (_acc).",
+             ""]
+    for setting, block in r["settings"].items():
+        lines += [f"## {setting} ({len(block['domains'])} private domains)", "",
+                  "| method | LGR | LGR_acc | PGR | PGR_acc | mean loss | mean EM |", "|---|---|---|---|---|---|---|"]
+        for m, s in block["summary"].items():
+            lines.append(f"| {m} | {_fmt(s['lgr'])} | {_fmt(s['lgr_acc'])} | {_fmt(s['pgr'])} | {_fmt(s['pgr_acc'])} "
+                         f"| {_fmt(s['loss'], False)} | {_fmt(s['acc'], False)} |")
+        lines.append("")
+    lines += ["## Costs", "", "| what | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g} |" for k, v in r["timings"].items()]
+    lines += ["", "## Per domain (test loss / exact match)", ""]
+    for setting, block in r["settings"].items():
+        methods = list(block["summary"])
+        lines += [f"### {setting}", "", "| domain | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for name, d in block["domains"].items():
+            cells = [f"{d['scores'][m]['loss']:.2f} / {d['scores'][m].get('exact_match', float('nan')):.2f}"
+                     if m in d["scores"] else "—" for m in methods]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    """Pooled LGR in accuracy per method and setting, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(r["settings"])
+    methods = [m for m in METHODS if all(m in r["settings"][s]["summary"] for s in settings)]
+    fig, ax = plt.subplots(figsize=(max(8, len(methods) * 0.9), 4))
+    width = 0.8 / max(1, len(settings))
+    for i, s in enumerate(settings):
+        vals = [r["settings"][s]["summary"][m]["lgr_acc"] for m in methods]
+        ax.bar([j + i * width for j in range(len(methods))], [0 if math.isnan(v) else v for v in vals], width, label=s)
+    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(methods))], methods, rotation=30, ha="right")
+    ax.set_ylabel("LLM gain recovered (exact match)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
