@@ -88,6 +88,7 @@ def finetune(model: torch.nn.Module, tokenizer, examples: Sequence[Example], cfg
     before = lora_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()  # Opacus validates the module in training mode
     private = DPSGD(model, optimizer, loader, dp, cfg.steps, generator) if dp.mode == "dp-sgd" else None
     train_model = model
     if private:
@@ -98,8 +99,13 @@ def finetune(model: torch.nn.Module, tokenizer, examples: Sequence[Example], cfg
     train_model.train()
     try:
         for step, (idx,) in enumerate(_batches(loader, cfg.steps), start=1):
-            loss = per_example_loss(train_model, data.select(idx)).mean()
             optimizer.zero_grad(set_to_none=True)
+            if len(idx) == 0:  # Poisson sampling drew nobody: the DP step is pure noise, as the accountant assumes
+                for p in params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+                optimizer.step()
+                continue
+            loss = per_example_loss(train_model, data.select(idx)).mean()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -112,7 +118,7 @@ def finetune(model: torch.nn.Module, tokenizer, examples: Sequence[Example], cfg
             private.close()
     update = extract_update(before, lora_parameters(model))
 
-    metrics = {"train-loss": sum(losses[-10:]) / len(losses[-10:]), "steps": float(cfg.steps),
+    metrics = {"train-loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "steps": float(cfg.steps),
                "num-examples": float(len(examples)), "train-seconds": time.perf_counter() - t0}
     if private:
         metrics.update(dp_metrics)

@@ -77,17 +77,22 @@ def _with_lr(cfg: FinetuneConfig, lr: float | None) -> FinetuneConfig:
     return cfg if lr is None else FinetuneConfig(**{**asdict(cfg), "lr": lr})
 
 
-def curate_domain(tiny: LoraTuner, llm: LoraTuner, examples: Sequence[Example], cfg: CurationConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Fine-tune both models on one domain; (tiny tokens, llm tokens) stacked over snapshot steps."""
+def curate_domain(tiny: LoraTuner, llm: LoraTuner, examples: Sequence[Example], cfg: CurationConfig,
+                  llm_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Fine-tune both models on one domain; (tiny tokens, llm tokens) stacked over snapshot steps.
+
+    ``llm_tokens`` given: reuse an earlier curation's LLM side (e.g. re-curating only the TinyLM under DP-SGD).
+    """
     steps = cfg.finetune.snapshot_steps or (cfg.finetune.steps,)
-    t = tiny.run(examples, _with_lr(cfg.finetune, cfg.tiny_lr), cfg.tiny_dp)
-    g = llm.run(examples, _with_lr(cfg.finetune, cfg.llm_lr))
     snaps = lambda r: [r.snapshots.get(s, r.update) for s in steps]  # noqa: E731
+    t = tiny.run(examples, _with_lr(cfg.finetune, cfg.tiny_lr), cfg.tiny_dp)
     tiny_tokens = torch.stack([tiny.tokens(u) for u in snaps(t)])
-    llm_tokens = torch.stack([llm.tokens(u) for u in snaps(g)])
-    metrics = {"tiny-train-loss": t.metrics["train-loss"], "llm-train-loss": g.metrics["train-loss"],
-               "seconds": t.metrics["train-seconds"] + g.metrics["train-seconds"]}
+    metrics = {"tiny-train-loss": t.metrics["train-loss"], "seconds": t.metrics["train-seconds"]}
+    if llm_tokens is None:
+        g = llm.run(examples, _with_lr(cfg.finetune, cfg.llm_lr))
+        llm_tokens = torch.stack([llm.tokens(u) for u in snaps(g)])
+        metrics.update({"llm-train-loss": g.metrics["train-loss"],
+                        "seconds": metrics["seconds"] + g.metrics["train-seconds"]})
     metrics.update({k: v for k, v in t.metrics.items() if k.startswith("dp-")})
     return tiny_tokens, llm_tokens, metrics
 
@@ -106,10 +111,10 @@ def _init_worker(cfg: CurationConfig, cache: str | None) -> None:
     _WORKER["llm"] = LoraTuner(cfg.llm_model, cfg.lora)
 
 
-def _work(task: tuple[str, list[Example]]) -> tuple[str, torch.Tensor, torch.Tensor, dict[str, float]]:
-    name, examples = task
+def _work(task: tuple[str, list[Example], torch.Tensor | None]) -> tuple[str, torch.Tensor, torch.Tensor, dict]:
+    name, examples, reuse = task
     t0 = time.process_time()
-    tiny_tokens, llm_tokens, metrics = curate_domain(_WORKER["tiny"], _WORKER["llm"], examples, _WORKER["cfg"])
+    tiny_tokens, llm_tokens, metrics = curate_domain(_WORKER["tiny"], _WORKER["llm"], examples, _WORKER["cfg"], reuse)
     metrics["cpu-seconds"] = time.process_time() - t0
     return name, tiny_tokens, llm_tokens, metrics
 
@@ -149,8 +154,12 @@ def _flush(out: Path, manifest: dict, results: list) -> None:
 
 
 def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, out: Path, workers: int = 2,
-           shard_domains: int = 16, progress: bool = True) -> dict:
-    """Curate every (name, examples) domain not yet in ``out``; returns the manifest."""
+           shard_domains: int = 16, progress: bool = True, reuse_llm: ShadowPairs | None = None) -> dict:
+    """Curate every (name, examples) domain not yet in ``out``; returns the manifest.
+
+    ``reuse_llm``: pairs of an earlier curation with the same LLM, LoRA and fine-tuning settings, whose LLM
+    updates are reused as they are (only the TinyLM side is computed; e.g. the TinyLM under DP-SGD).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n, _ in domains]
@@ -166,7 +175,13 @@ def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, ou
         raise ValueError(f"{out} holds pairs curated with another config; pick another folder or delete it "
                          f"(stored: {manifest['config']}, asked: {cfg.to_json()})")
     done = {n for s in manifest["shards"] for n in s["domains"]}
-    todo = [(n, ex) for n, ex in domains if n not in done]
+    if reuse_llm is not None:
+        mismatch = {k: (cfg.to_json()[k], reuse_llm.manifest["config"][k]) for k in ("llm_model", "lora", "finetune",
+                    "llm_lr", "n_examples") if cfg.to_json()[k] != reuse_llm.manifest["config"][k]}
+        if mismatch:
+            raise ValueError(f"reuse_llm: the earlier curation differs in {mismatch}")
+        manifest["reused_llm_from"] = str(reuse_llm.manifest.get("dir", "?"))
+    todo = [(n, ex, _llm_side(reuse_llm, n)) for n, ex in domains if n not in done]
     if not todo:
         return manifest
     t0 = time.time()
@@ -187,6 +202,15 @@ def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, ou
         manifest["wall_seconds"] += time.time() - t0
         _flush(out, manifest, pending)
     return manifest
+
+
+def _llm_side(pairs: ShadowPairs | None, name: str) -> torch.Tensor | None:
+    if pairs is None:
+        return None
+    if name not in pairs.names:
+        raise ValueError(f"reuse_llm: domain {name!r} is not in the earlier curation")
+    rows = pairs.domain == pairs.names.index(name)
+    return pairs.llm[rows][torch.argsort(pairs.step[rows])]
 
 
 @dataclass
@@ -234,6 +258,7 @@ def load_pairs(out: Path) -> ShadowPairs:
         domain.append(t["domain"] + len(names))
         step.append(t["step"])
         names += shard["domains"]
+    manifest["dir"] = str(out)
     return ShadowPairs(torch.cat(tiny), torch.cat(llm), torch.cat(domain).long(), torch.cat(step), names,
                        UpdateSpec.from_json(manifest["tiny_spec"]), UpdateSpec.from_json(manifest["llm_spec"]),
                        manifest)

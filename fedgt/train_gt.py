@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = 32  # pairs per step
     lr: float = 1e-3
     weight_decay: float = 0.05
-    examples_per_pair: int = 8  # functional loss: shadow examples drawn per pair per step
+    examples_per_pair: int = 4  # functional loss: shadow examples drawn per pair per step
     val_fraction: float = 0.1  # of the shadow domains, held out for validation
     val_examples: int = 32  # per validation domain
     patience: int = 10

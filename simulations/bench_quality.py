@@ -34,6 +34,7 @@ from fedgt.lora import LoraSettings
 from fedgt.metrics import per_domain, summarize
 from fedgt.models import PAIRS, cache_dir
 from fedgt.pretrain import PretrainData, prepare_preset
+from fedgt.privacy import DPConfig
 from fedgt.private_eval import OrgConfig, config_json, run_orgs
 from fedgt.probes import probe_features, probe_prompts
 from fedgt.provider import shadow_domains
@@ -63,10 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (both models)")
     p.add_argument("--gt-epochs", type=int, default=None)
     p.add_argument("--probes", type=int, default=32, help="probe prompts the GT reads the update through (0: none)")
+    p.add_argument("--variants", default="gt,gt_autoregressive,gt_weights_only,paper_gt",
+                   help="GT variants to train and score (gt is always trained)")
+    p.add_argument("--dp-epsilons", default=None, help="DP-SGD ε values for the TinyLM (comma-separated; '' for none)")
+    p.add_argument("--update-dp-epsilons", default=None, help="update-level DP ε values (one organization's update)")
     p.add_argument("--private-data", type=Path, help="your private domains: one subfolder of files per organization")
     p.add_argument("--shadow-data", type=Path, help="your shadow domains: one subfolder of files per domain")
     p.add_argument("--no-builtin-shadow", action="store_true", help="curate only --shadow-data")
     p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--multi-org", default=None, help="group sizes for the several-organizations study (e.g. 3,10)")
+    p.add_argument("--multi-org-groups", type=int, default=4, help="groups per size (at most domains // size)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -80,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lr = args.lr or (1e-2 if quick else 3e-3)
     args.gt_epochs = args.gt_epochs or (6 if quick else 40)
     args.name = args.name or ("quality_quick" if quick else "quality")
+    args.variants = {"gt", *(v for v in args.variants.split(",") if v)}
+    floats = lambda text: tuple(float(x) for x in text.split(",") if x.strip())  # noqa: E731
+    args.dp_epsilons = floats(args.dp_epsilons if args.dp_epsilons is not None else ("8" if quick else "8,1"))
+    args.multi_org = tuple(int(x) for x in floats(args.multi_org if args.multi_org is not None else
+                                                  ("3" if quick else "3,10")))
+    args.update_dp_epsilons = floats(args.update_dp_epsilons if args.update_dp_epsilons is not None else "8")
     return args
 
 
@@ -150,29 +163,59 @@ def main(argv=None) -> dict:
                                  args.quick else args.gt_epochs, patience=15, seed=args.seed)),
     }
     gts, gt_records = {}, {}
-    for name, (gcfg, tcfg) in variants.items():
-        gt_dir = cache_dir() / "gt" / f"{name}-{_hash([gcfg, tcfg, str(cur_dir), pairs.names, prompts])}"
+
+    def train_variant(name: str, gcfg, tcfg, on_pairs, on_dir) -> None:
+        gt_dir = cache_dir() / "gt" / f"{name}-{_hash([gcfg, tcfg, str(on_dir), on_pairs.names, prompts])}"
         if not (gt_dir / "history.json").is_file():
             print(f"training {name} -> {gt_dir}", flush=True)
-            train_gt(pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir)
+            train_gt(on_pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir)
         gt_records[name] = json.loads((gt_dir / "history.json").read_text())
         gts[name], _ = load_gt(gt_dir, device)
 
+    for name, (gcfg, tcfg) in variants.items():
+        if name in args.variants:
+            train_variant(name, gcfg, tcfg, pairs, cur_dir)
+
     # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
-    fit = pairs.select_domains(train_names)
-    val = pairs.select_domains(val_names).final()
-    val_sets = [val_examples[n][:32] for n in val.names]
+    val_sets = [val_examples[n][:32] for n in sorted(val_names)]
     crit = lambda pred: functional_val_loss(judge, pred, val_sets)  # noqa: E731
-    knn, knn_scores = select(lambda k: NearestShadow(fit, int(k)), [1, 3, 5, 10], val.tiny, crit)
-    ridge, ridge_scores = select(lambda a: RidgeMap(fit, a), [1.0, 10.0, 100.0, 1e3, 1e4, 1e5], val.tiny, crit)
-    maps = {"mean_update": MeanUpdate(fit), "knn": knn, "ridge": ridge}
+    baseline_choices: dict = {}
+
+    def fit_maps(on_pairs, suffix: str = "") -> dict:
+        fit = on_pairs.select_domains(train_names)
+        val = on_pairs.select_domains(val_names).final()
+        knn, knn_scores = select(lambda k: NearestShadow(fit, int(k)), [1, 3, 5, 10], val.tiny, crit)
+        ridge, ridge_scores = select(lambda a: RidgeMap(fit, a), [1.0, 10.0, 100.0, 1e3, 1e4, 1e5], val.tiny, crit)
+        baseline_choices[suffix or "non_dp"] = {"knn_k": knn.k, "knn_val": knn_scores, "ridge_alpha": ridge.alpha,
+                                                "ridge_val": ridge_scores}
+        return {"mean_update" + suffix: MeanUpdate(fit), "knn" + suffix: knn, "ridge" + suffix: ridge}
+
+    maps = fit_maps(pairs)
+
+    # --- DP-SGD on the TinyLM: re-curate its side under the same DP-SGD settings, train a GT on those pairs -------
+    dp_inputs: dict[str, str] = {}  # method -> which org tokens it reads
+    for eps in args.dp_epsilons:
+        dcfg = replace(ccfg, tiny_dp=DPConfig(mode="dp-sgd", epsilon=eps))
+        dp_dir = cache_dir() / "shadow" / f"{args.pair}-{_hash(dcfg.to_json())}"
+        print(f"re-curating the TinyLM side under DP-SGD eps={eps:g} into {dp_dir}", flush=True)
+        curate([(d.name, list(d.train)) for d in shadow], dcfg, dp_dir, workers=args.workers, reuse_llm=pairs)
+        dp_pairs = load_pairs(dp_dir).select_domains(pairs.names)
+        dp_pairs.probes = probe_features(tiny_judge, dp_pairs.tiny, prompts) if prompts else None
+        tag = f"_dpsgd_eps{eps:g}"
+        train_variant("gt" + tag, variants["gt"][0], train_cfg, dp_pairs, dp_dir)
+        maps.update({k: v for k, v in fit_maps(dp_pairs, tag).items() if not k.startswith("mean_update")})
+        dp_inputs.update({m + tag: "tiny" + tag for m in ("gt", "knn", "ridge")})
+        dp_inputs["gt_nondp" + tag] = "tiny" + tag  # the non-DP GT fed DP updates: does DP curation matter?
+    for eps in args.update_dp_epsilons:
+        dp_inputs[f"gt_update_dp_eps{eps:g}"] = f"tiny_update_dp_eps{eps:g}"
 
     # --- organizations -------------------------------------------------------------------------------------------
     settings = private_domains(args, train_names)
     rng = random.Random(f"kd-{args.seed}")
     kd_prompts = tuple(ex.context for ex in rng.sample([ex for d in shadow for ex in d.train], 256))
     ocfg = OrgConfig(tiny_model=tiny_path, llm_model=llm_path, lora=lora, finetune=replace(ft, snapshot_steps=()),
-                     kd_prompts=kd_prompts)
+                     kd_prompts=kd_prompts, dp_sgd_epsilons=tuple(args.dp_epsilons),
+                     update_dp_epsilons=tuple(args.update_dp_epsilons))
     all_domains = [d for ds in settings.values() for d in ds]
     print(f"simulating {len(all_domains)} organizations", flush=True)
     t0 = time.time()
@@ -183,33 +226,52 @@ def main(argv=None) -> dict:
     results: dict = {"settings": {}}
     for setting, domains in settings.items():
         names = [d.name for d in domains]
-        tiny = torch.stack([orgs[n]["tokens"]["tiny"] for n in names])
+        def org_tokens(key: str, names=names) -> torch.Tensor:
+            return torch.stack([orgs[n]["tokens"][key] for n in names])
+
+        tiny = org_tokens("tiny")
         probes = probe_features(tiny_judge, tiny, prompts) if prompts else None
         # Another organization's update (a derangement when there are >= 2), read through its own probes.
         shuffled, shuffled_probes = tiny.roll(1, dims=0), None if probes is None else probes.roll(1, dims=0)
         tokens = {
             "gt": predict(gts["gt"], tiny, probes), "gt_shuffled_input": predict(gts["gt"], shuffled, shuffled_probes),
-            "gt_autoregressive": predict(gts["gt_autoregressive"], tiny, probes),
-            "gt_weights_only": predict(gts["gt_weights_only"], tiny), "paper_gt": predict(gts["paper_gt"], tiny),
-            **{m: maps[m].predict(tiny) for m in maps},
+            **{v: predict(gts[v], tiny, probes if gts[v].cfg.probe_tokens else None) for v in gts
+               if v in ("gt_autoregressive", "gt_weights_only", "paper_gt")},
+            **{m: maps[m].predict(tiny) for m in ("mean_update", "knn", "ridge")},
             "llm_base": torch.zeros(len(names), judge.spec.num_layers, judge.spec.token_dim),
-            "llm_ft": torch.stack([orgs[n]["tokens"]["llm_ft"] for n in names]),
-            "tiny_sample_kd": torch.stack([orgs[n]["tokens"]["tiny_sample_kd"] for n in names]),
+            "llm_ft": org_tokens("llm_ft"),
+            "tiny_sample_kd": org_tokens("tiny_sample_kd"),
         }
+        for method, key in dp_inputs.items():
+            inp = org_tokens(key)
+            if method.startswith("gt"):
+                model = gts["gt"] if method.startswith(("gt_nondp", "gt_update")) else gts[method]
+                tokens[method] = predict(model, inp, probe_features(tiny_judge, inp, prompts) if prompts else None)
+            else:
+                tokens[method] = maps[method].predict(inp)
         tests = [list(d.test) for d in domains]
         rows = {n: {} for n in names}
         for method, toks in tokens.items():
             for n, score in zip(names, judge.score(toks, tests), strict=True):
                 rows[n][method] = score
         for n in names:
-            for m in ("tiny_ft", "tiny_base", "proxy_tuning"):
-                if m in orgs[n]["scores"]:
-                    rows[n][m] = orgs[n]["scores"][m]
-        summary = summarize(rows, [m for m in METHODS if any(m in r for r in rows.values())])
+            for m, sc in orgs[n]["scores"].items():
+                rows[n][m] = {k: v for k, v in sc.items() if k in ("loss", "exact_match")}
+        order = [*METHODS, *dp_inputs, *(m for m in rows[names[0]] if m.startswith("tiny_ft_dpsgd"))]
+        summary = summarize(rows, [m for m in order if any(m in r for r in rows.values())])
         results["settings"][setting] = {
             "summary": summary,
             "domains": {n: {"scores": rows[n], "ratios": {m: per_domain(rows[n], m) for m in rows[n]}} for n in names},
         }
+        eps_spent = [orgs[n]["scores"][k]["epsilon_spent"] for n in names for k in orgs[n]["scores"]
+                     if k.startswith("tiny_ft_dpsgd")]
+        if eps_spent:
+            results["settings"][setting]["dp_epsilon_spent_max"] = max(eps_spent)
+
+    # --- several organizations: one LLM update for a group, scored on every member's own test split ---------------
+    if args.multi_org:
+        results["multi_org"] = multi_org(args, all_domains, orgs, gts["gt"], tiny_judge, judge, prompts, pairs,
+                                         llm_path, lora, replace(ft, snapshot_steps=()))
 
     # --- costs ---------------------------------------------------------------------------------------------------
     one = torch.stack([next(iter(orgs.values()))["tokens"]["tiny"]])
@@ -218,7 +280,7 @@ def main(argv=None) -> dict:
     for _ in range(5):
         probe_features(tiny_judge, one, prompts) if prompts else None
     timings["probe_features_ms_per_org"] = (time.perf_counter() - t0) / 5 * 1e3
-    for name in ("gt", "gt_autoregressive", "gt_weights_only", "paper_gt"):
+    for name in [v for v in ("gt", "gt_autoregressive", "gt_weights_only", "paper_gt") if v in gts]:
         p_one = one_probes if gts[name].cfg.probe_tokens else None
         predict(gts[name], one, p_one)
         t0 = time.perf_counter()
@@ -241,7 +303,7 @@ def main(argv=None) -> dict:
                      "train_domains": len(train_names), "val_domains": len(val_names)},
         "gt": {k: {kk: v[kk] for kk in ("gt", "config", "best_epoch", "best_val", "seconds", "parameters", "device")}
                for k, v in gt_records.items()},
-        "baselines": {"knn_k": knn.k, "knn_val": knn_scores, "ridge_alpha": ridge.alpha, "ridge_val": ridge_scores},
+        "baselines": baseline_choices,
         "timings": timings,
     })
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +312,68 @@ def main(argv=None) -> dict:
     plot(results, args.out / f"{args.name}.png")
     print(render_markdown(results).split("## Per domain")[0])
     return results
+
+
+def _clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
+    norms = x.flatten(1).norm(dim=1).clamp(min=1e-12)
+    return x * (clip / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+
+
+def multi_org(args, domains: list[DomainData], orgs: dict, gt, tiny_judge: LLMJudge, judge: LLMJudge, prompts,
+              pairs, llm_path: str, lora: LoraSettings, ft: FinetuneConfig) -> dict:
+    """Groups of M organizations (different private domains) combined into one LLM update.
+
+    ``aggregate_then_transform`` (the paper's; compatible with secure aggregation): GT(mean TinyLM update).
+    ``transform_then_aggregate``: mean of GT(each update). ``central_dp_eps*``: each TinyLM update clipped to
+    C (the median norm of the public shadow TinyLM updates, a data-free choice), the mean noised once with the
+    Gaussian mechanism for sensitivity C/M, then one GT pass. Ceiling ``llm_ft``: the LLM fine-tuned on the union
+    of the group's private data (simulation only). PGR's ``tiny_ft``: each organization's own tuned TinyLM.
+    """
+    from fedgt.privacy import gaussian_sigma
+    from fedgt.shadow import LoraTuner
+
+    rng = random.Random(f"multi-org-{args.seed}")
+    clip = float(pairs.final().tiny.flatten(1).norm(dim=1).median())
+    llm = LoraTuner(llm_path, lora)
+    out = {"clip": clip}
+    for m in args.multi_org:
+        if m > len(domains):
+            print(f"multi-org: skipping {m} organizations (only {len(domains)} private domains)")
+            continue
+        n_groups = max(1, min(args.multi_org_groups, len(domains) // m))
+        pool = list(domains)
+        rng.shuffle(pool)
+        rows: dict[str, dict] = {}
+        for g in range(n_groups):
+            members = pool[g * m:(g + 1) * m]
+            tiny = torch.stack([orgs[d.name]["tokens"]["tiny"] for d in members])
+            probes = lambda t: probe_features(tiny_judge, t, prompts) if prompts else None  # noqa: E731
+            att_in = tiny.mean(0, keepdim=True)
+            candidates = {
+                "aggregate_then_transform": predict(gt, att_in, probes(att_in)),
+                "transform_then_aggregate": predict(gt, tiny, probes(tiny)).mean(0, keepdim=True),
+                "llm_ft_mean": torch.stack([orgs[d.name]["tokens"]["llm_ft"] for d in members]).mean(0, keepdim=True),
+                "llm_base": torch.zeros(1, judge.spec.num_layers, judge.spec.token_dim),
+            }
+            for eps in args.update_dp_epsilons:
+                sigma = gaussian_sigma(clip / m, eps, 1e-5)
+                noise_gen = torch.Generator().manual_seed(args.seed * 1000 + g)
+                noisy = _clip_rows(tiny, clip).mean(0, keepdim=True)
+                noisy = noisy + sigma * torch.randn(noisy.shape, generator=noise_gen)
+                candidates[f"central_dp_eps{eps:g}"] = predict(gt, noisy, probes(noisy))
+            union = [ex for d in members for ex in d.train]
+            candidates["llm_ft"] = llm.tokens(llm.run(union, ft).update).unsqueeze(0)
+            for method, toks in candidates.items():
+                scores = judge.score(toks.expand(m, -1, -1), [list(d.test) for d in members])
+                for d, sc in zip(members, scores, strict=True):
+                    rows.setdefault(f"g{g}:{d.name}", {})[method] = sc
+            for d in members:
+                rows[f"g{g}:{d.name}"]["tiny_ft"] = orgs[d.name]["scores"]["tiny_ft"]
+        methods = ["aggregate_then_transform", "transform_then_aggregate",
+                   *[f"central_dp_eps{e:g}" for e in args.update_dp_epsilons], "llm_ft_mean", "tiny_ft", "llm_base",
+                   "llm_ft"]
+        out[f"orgs_{m}"] = {"groups": n_groups, "summary": summarize(rows, methods), "rows": rows}
+    return out
 
 
 def _fmt(x: float, pct: bool = True) -> str:
@@ -266,6 +390,16 @@ def render_markdown(r: dict) -> str:
              ""]
     for setting, block in r["settings"].items():
         lines += [f"## {setting} ({len(block['domains'])} private domains)", "",
+                  "| method | LGR | LGR_acc | PGR | PGR_acc | mean loss | mean EM |", "|---|---|---|---|---|---|---|"]
+        for m, s in block["summary"].items():
+            lines.append(f"| {m} | {_fmt(s['lgr'])} | {_fmt(s['lgr_acc'])} | {_fmt(s['pgr'])} | {_fmt(s['pgr_acc'])} "
+                         f"| {_fmt(s['loss'], False)} | {_fmt(s['acc'], False)} |")
+        lines.append("")
+    for key, block in r.get("multi_org", {}).items():
+        if not key.startswith("orgs_"):
+            continue
+        lines += [f"## Several organizations: {key.split('_')[1]} per group ({block['groups']} groups, one LLM update "
+                  "per group, scored on each member's test split)", "",
                   "| method | LGR | LGR_acc | PGR | PGR_acc | mean loss | mean EM |", "|---|---|---|---|---|---|---|"]
         for m, s in block["summary"].items():
             lines.append(f"| {m} | {_fmt(s['lgr'])} | {_fmt(s['lgr_acc'])} | {_fmt(s['pgr'])} | {_fmt(s['pgr_acc'])} "

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fedgt.examples import task_example
 from fedgt.finetune import FinetuneConfig, finetune
 from fedgt.lora import LoraSettings, attach_lora, lora_parameters
 from fedgt.models import build_model, get_preset
@@ -116,3 +117,13 @@ def test_finetune_leaves_the_lora_init_reproducible() -> None:
     fresh = lora_parameters(toy_lora())
     after = lora_parameters(model)
     assert_updates_equal({k: after[k] - res.update[k] for k in after}, fresh, atol=1e-6)
+
+
+def test_dp_sgd_survives_empty_poisson_batches() -> None:
+    # Expected batch 1 of 16 examples: about a third of the Poisson batches are empty.
+    model = toy_lora()
+    examples = [task_example(f"q{i}", "a") for i in range(16)]
+    cfg = FinetuneConfig(steps=30, batch_size=1, lr=1e-2)
+    result = finetune(model, TOK, examples, cfg, DPConfig(mode="dp-sgd", noise_multiplier=1.0))
+    assert all(torch.isfinite(v).all() for v in result.update.values())
+    assert result.metrics["dp-epsilon"] > 0

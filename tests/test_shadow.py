@@ -66,3 +66,22 @@ def test_resume_with_another_config_is_refused(toy_pair, tmp_path) -> None:
 def test_load_pairs_without_curation_says_what_to_do(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="fedgt curate"):
         load_pairs(tmp_path)
+
+
+def test_dp_recuration_reuses_the_llm_side(toy_pair, tmp_path) -> None:
+    from fedgt.privacy import DPConfig
+
+    cfg = _cfg(toy_pair)
+    curate(_domains(NAMES[:2]), cfg, tmp_path / "plain", workers=1, progress=False)
+    plain = load_pairs(tmp_path / "plain")
+    dp_cfg = CurationConfig(**{**cfg.__dict__, "tiny_dp": DPConfig(mode="dp-sgd", epsilon=8.0)})
+    manifest = curate(_domains(NAMES[:2]), dp_cfg, tmp_path / "dp", workers=1, progress=False, reuse_llm=plain)
+    dp = load_pairs(tmp_path / "dp")
+    for name in NAMES[:2]:
+        a, b = plain.domain == plain.names.index(name), dp.domain == dp.names.index(name)
+        torch.testing.assert_close(dp.llm[b], plain.llm[a])  # the LLM side is reused as is
+        assert not torch.allclose(dp.tiny[b], plain.tiny[a])  # the TinyLM side was trained under DP-SGD
+    assert all("dp-epsilon" in m for m in manifest["metrics"].values())
+    other = CurationConfig(**{**dp_cfg.__dict__, "n_examples": 8})
+    with pytest.raises(ValueError, match="differs"):
+        curate(_domains(NAMES[:1]), other, tmp_path / "bad", workers=1, progress=False, reuse_llm=plain)
