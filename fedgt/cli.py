@@ -124,10 +124,65 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_model(args.model, data, adapter=args.adapter, max_length=args.max_length), indent=2))
 
 
+def cmd_org_demo(args: argparse.Namespace) -> None:
+    from fedgt.demo import run_org_demo
+
+    run_org_demo(args, lora_settings(args), finetune_config(args), dp_config(args))
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Run-config overrides from --scenario FILE, --orgs, --rounds and --set k=v (later wins)."""
+    import tomllib
+
+    from fedgt.fed_config import _flatten
+
+    out: dict = {}
+    if args.scenario is not None:
+        if not args.scenario.is_file():
+            raise FileNotFoundError(f"--scenario {args.scenario} not found")
+        out.update(_flatten(tomllib.loads(args.scenario.read_text())))
+    if args.orgs is not None:
+        out["federation.num-organizations"] = args.orgs
+    if args.rounds is not None:
+        out["num-server-rounds"] = args.rounds
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare string
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from fedgt.demo import run_demo
+    from fedgt.models import cache_dir
 
-    run_demo(args, lora_settings(args), finetune_config(args), dp_config(args))
+    rc = run_demo(args.app.resolve(), _overrides(args), args.out, args.flwr_home or cache_dir() / "flwr-home")
+    if rc:
+        raise SystemExit(rc)
+
+
+def cmd_federate(args: argparse.Namespace) -> None:
+    from fedgt.flwr_runner import run_federation
+    from fedgt.models import cache_dir
+
+    overrides = {**_overrides(args), "output.dir": str(args.out.resolve())}
+    rc = run_federation(args.app.resolve(), overrides, args.flwr_home or cache_dir() / "flwr-home")
+    results = args.out / "results.md"
+    if rc or not results.is_file():
+        raise SystemExit(f"fedgt federate: the federation failed (flwr exit code {rc})")
+    print(results.read_text())
+
+
+def cmd_provide(args: argparse.Namespace) -> None:
+    from fedgt.fed_config import from_run_config, pyproject_run_config
+    from fedgt.provision import provide
+
+    cfg = from_run_config({**pyproject_run_config(args.app / "pyproject.toml"), **_overrides(args)})
+    print(provide(cfg.provider_config()))
 
 
 def _curation_config(args: argparse.Namespace):
@@ -263,13 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_gt)
 
-    p = sub.add_parser("demo", help="the main job: prepare the pair, fine-tune one organization, evaluate")
+    p = sub.add_parser("org-demo", help="one organization: private TinyLM fine-tune vs the LLM fine-tuned directly")
     p.add_argument("--pair", choices=sorted(PAIRS), default="default")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/org-demo"))
     _add_data_args(p)
     _add_lora_args(p)
     _add_finetune_args(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_org_demo)
+
+    for name, func, text in (
+        ("demo", cmd_demo, "the main job: prepare the pair, curate + train the GT (cached), run the simulated "
+                           "federation (flwr run), print the results"),
+        ("federate", cmd_federate, "run the Flower app on a local Ray simulation (flwr run) and print the results"),
+        ("provide", cmd_provide, "provider: prepare the pair, curate shadow pairs and train the GT for the app's "
+                                 "settings (cached); prints the GT directory"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (its pyproject.toml)")
+        p.add_argument("--scenario", type=Path, help="a run-config TOML file, e.g. simulations/dp_sgd.toml")
+        p.add_argument("--orgs", type=int, help="federation.num-organizations (simulation: num-supernodes)")
+        p.add_argument("--rounds", type=int, help="num-server-rounds")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+        if name != "provide":
+            p.add_argument("--out", type=Path, default=Path(f"runs/{name}"), help="output.dir of the run")
+            p.add_argument("--flwr-home", type=Path, help="FLWR_HOME for the local SuperLink "
+                                                          "(default $FEDGT_CACHE/flwr-home)")
+        p.set_defaults(func=func)
     return parser
 
 

@@ -71,23 +71,30 @@ def privatize_update(update: dict[str, torch.Tensor], dp: DPConfig, generator: t
     return noisy, metrics
 
 
+def dp_sgd_sample_rate(num_examples: int, batch_size: int) -> float:
+    """Opacus' sampling rate for our loader: one over its number of (drop-last) batches."""
+    return 1.0 / max(1, num_examples // min(batch_size, num_examples))
+
+
+def dp_sgd_noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> float:
+    """σ of a DP-SGD run: the configured one, or the one that reaches dp.epsilon after ``steps``."""
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=dp.accountant))
+
+
 class DPSGD:
     """Opacus DP-SGD around a model, optimizer and loader; ``close()`` leaves the model as it was."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: torch.utils.data.DataLoader, dp: DPConfig, steps: int, generator: torch.Generator):
         from opacus import PrivacyEngine  # imported here: Opacus is optional at runtime for non-DP users
-        from opacus.accountants.utils import get_noise_multiplier
 
         self.dp = dp
-        sample_rate = 1.0 / len(loader)
-        if dp.noise_multiplier is not None:
-            self.noise_multiplier = dp.noise_multiplier
-        else:
-            self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=sample_rate, steps=steps,
-                accountant=dp.accountant,
-            )
+        self.noise_multiplier = dp_sgd_noise_multiplier(dp, 1.0 / len(loader), steps)
         self.engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
         self.model, self.optimizer, self.loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,

@@ -12,17 +12,25 @@ from pathlib import Path
 from fedgt.data import DomainData, load_user_domains, task_domain_data
 from fedgt.pretrain import PretrainData
 from fedgt.splits import make_domain_splits
+from fedgt.tasks import TaskDomain
 from fedgt.world import make_world
+
+
+def shadow_task_domains(limit: int | None = None, seed: int = 0, data: PretrainData = PretrainData()
+                        ) -> list[TaskDomain]:
+    """The built-in shadow domains the provider curates: a seeded sample of ``limit`` of them, else all."""
+    domains = list(make_domain_splits(data.splits_seed).shadow)
+    if limit is not None and limit < len(domains):
+        domains = sorted(random.Random(f"shadow-sample-{seed}").sample(domains, limit))
+    return domains
 
 
 def task_shadow_domains(n_examples: int = 128, limit: int | None = None, seed: int = 0,
                         data: PretrainData = PretrainData()) -> list[DomainData]:
     """Public examples of the built-in shadow domains (a seeded sample of ``limit`` of them, else all)."""
     world = make_world(data.num_people, seed=data.world_seed)
-    domains = list(make_domain_splits(data.splits_seed).shadow)
-    if limit is not None and limit < len(domains):
-        domains = sorted(random.Random(f"shadow-sample-{seed}").sample(domains, limit))
-    return [task_domain_data(world, d, n_examples, n_examples, seed, split="public") for d in domains]
+    return [task_domain_data(world, d, n_examples, n_examples, seed, split="public")
+            for d in shadow_task_domains(limit, seed, data)]
 
 
 def shadow_domains(n_examples: int = 128, limit: int | None = None, seed: int = 0,

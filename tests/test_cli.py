@@ -66,7 +66,7 @@ def test_user_folder_data_from_the_command_line(toy_pair, tmp_path, capsys) -> N
 
 
 def test_demo_runs_end_to_end_on_the_toy_pair(toy_pair, tmp_path, capsys) -> None:
-    assert main(["demo", "--pair", "toy", "--steps", "3", "--n-train", "16", "--n-test", "16", "--out",
+    assert main(["org-demo", "--pair", "toy", "--steps", "3", "--n-train", "16", "--n-test", "16", "--out",
                  str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "released update" in printed and "LLM fine-tuned directly" in printed

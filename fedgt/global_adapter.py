@@ -1,0 +1,117 @@
+"""The server's view of one shared model across rounds: its LoRA factors, and the rounds folded into its base.
+
+Two round schemes (``strategy.rounds``):
+- ``naive``: one adapter accumulates every round's update (FedAvg of LoRA); later rounds start from factors the
+  Grad-Transformer never saw in training.
+- ``merge``: at the end of each round the round's adapter is folded into the base weights and the next round
+  starts again from the seeded init, so every update the GT maps is "from the seeded init on (nearly) the base
+  model", the regime it was trained on.
+
+Either way the model equals base + sum over pieces of scaling * B_i @ A_i. Concatenating the pieces gives one
+LoRA adapter of rank r * k with alpha * k (same scaling), which is how the final LLM is saved: a standard peft
+adapter directory that loads with ``PeftModel.from_pretrained`` on the untouched base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedgt.lora import LoraSettings
+from fedgt.updates import UpdateSpec
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def module_names(spec: UpdateSpec) -> list[str]:
+    """The LoRA-wrapped module paths of a spec, in spec order."""
+    return [k.removesuffix(A_SUFFIX) for k in spec.keys if k.endswith(A_SUFFIX)]
+
+
+def concat_pieces(pieces: list[Mapping[str, torch.Tensor]], spec: UpdateSpec) -> dict[str, torch.Tensor]:
+    """Rank-r pieces as one rank-(r * len(pieces)) set of factors: A stacked by rows, B by columns."""
+    out = {}
+    for m in module_names(spec):
+        out[m + A_SUFFIX] = torch.cat([p[m + A_SUFFIX] for p in pieces], 0)
+        out[m + B_SUFFIX] = torch.cat([p[m + B_SUFFIX] for p in pieces], 1)
+    return out
+
+
+@torch.no_grad()
+def merge_into_base(peft_model: torch.nn.Module, factors: Mapping[str, torch.Tensor], scaling: float) -> None:
+    """W += scaling * B @ A for every module in ``factors`` (any rank), in the base layers of a peft model."""
+    modules = dict(peft_model.named_modules())
+    for name in {k.removesuffix(A_SUFFIX) for k in factors if k.endswith(A_SUFFIX)}:
+        layer = modules.get("base_model.model." + name)
+        if layer is None or not hasattr(layer, "base_layer"):
+            raise KeyError(f"merge_into_base: no LoRA-wrapped module {name!r} in the model")
+        weight = layer.base_layer.weight
+        delta = factors[name + B_SUFFIX].to(weight) @ factors[name + A_SUFFIX].to(weight)
+        weight += scaling * (delta.T if getattr(layer, "fan_in_fan_out", False) else delta)
+
+
+class GlobalAdapter:
+    """One shared model's LoRA state: the current factors and the pieces already folded into the base."""
+
+    def __init__(self, spec: UpdateSpec, init: Mapping[str, torch.Tensor], lora: LoraSettings, scheme: str = "merge"):
+        if scheme not in ("merge", "naive"):
+            raise ValueError(f"round scheme must be 'merge' or 'naive', got {scheme!r}")
+        self.spec, self.lora, self.scheme = spec, lora, scheme
+        self.init = {k: v.detach().float().clone() for k, v in init.items()}
+        self.current = {k: v.clone() for k, v in self.init.items()}
+        self.merged: list[dict[str, torch.Tensor]] = []
+
+    def add(self, delta: Mapping[str, torch.Tensor]) -> None:
+        """current += delta (an update in this model's spec)."""
+        for k in self.spec.keys:
+            self.current[k] = self.current[k] + delta[k].float()
+
+    def end_round(self) -> dict[str, torch.Tensor] | None:
+        """Merge scheme: fold the current factors into the base, restart at the init; returns the folded piece."""
+        if self.scheme != "merge":
+            return None
+        piece = self.current
+        self.merged.append(piece)
+        self.current = {k: v.clone() for k, v in self.init.items()}
+        return piece
+
+    def base_factors(self) -> dict[str, torch.Tensor]:
+        """Everything folded into the base so far as one set of factors (empty before the first merge)."""
+        return concat_pieces(self.merged, self.spec) if self.merged else {}
+
+    def pieces(self) -> list[dict[str, torch.Tensor]]:
+        """All the rank-r pieces whose sum is the model's change from its base."""
+        return [*self.merged, self.current]
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (for round checkpoints)."""
+        return {"current": self.current, "merged": self.merged, "scheme": self.scheme}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a ``state_dict``."""
+        self.current = {k: v.clone() for k, v in state["current"].items()}
+        self.merged = [{k: v.clone() for k, v in p.items()} for p in state["merged"]]
+
+    def save_peft(self, base_model_spec: str, out: Path, merged_copy: bool = False) -> Path:
+        """Save as a standard peft LoRA adapter (rank r * pieces) for ``PeftModel.from_pretrained(base, out)``."""
+        import peft
+
+        from fedgt.lora import discover_target_modules, set_lora_parameters
+        from fedgt.models import load_model
+
+        pieces = self.pieces()
+        model, tokenizer = load_model(base_model_spec)
+        config = peft.LoraConfig(r=self.lora.r * len(pieces), lora_alpha=self.lora.alpha * len(pieces),
+                                 target_modules=discover_target_modules(model, self.lora.target_modules),
+                                 bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+        peft_model = peft.get_peft_model(model, config)
+        set_lora_parameters(peft_model, concat_pieces(pieces, self.spec))
+        out = Path(out)
+        peft_model.save_pretrained(out)
+        if merged_copy:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+        return out

@@ -1,0 +1,98 @@
+"""The provider's whole pipeline behind one call: prepare the pair, curate shadow pairs, train the GT.
+
+``provide(cfg)`` is what ``fedgt provide`` and the federation's ServerApp run when no Grad-Transformer
+checkpoint is given. Every stage is cached under ``$FEDGT_CACHE/provider/<hash of the config>`` and resumable,
+so the second call returns at once. The GT directory it returns holds what the server needs at run time:
+``model.safetensors`` + ``config.json`` (``fedgt.grad_transformer``) and ``provider.json`` (the models, the
+LoRA and fine-tuning settings the GT was trained for, and the public probe prompts it reads updates through).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from fedgt.finetune import FinetuneConfig
+from fedgt.lora import LoraSettings
+from fedgt.models import cache_dir
+from fedgt.privacy import DPConfig
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """What the provider curates and trains (organizations must fine-tune with the same LoRA and budget)."""
+
+    tiny: str = "tinylm"  # a preset (prepared on demand) or a local model directory
+    llm: str = "llm"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tiny_dp: DPConfig = DPConfig()  # curate the TinyLM side under the organizations' DP-SGD settings
+    shadow_domains: int = 64
+    n_examples: int = 128
+    probes: int = 32
+    epochs: int = 12
+    d_model: int = 256
+    seed: int = 0
+    workers: int = 2
+
+    def key(self) -> str:
+        """A short hash of everything that changes the result."""
+        d = asdict(self)
+        d.pop("workers")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def snapshot_steps(steps: int) -> tuple[int, ...]:
+    """Late snapshots paired by step (the paper's trick for many pairs per run)."""
+    return tuple(range(steps - 40, steps + 1, 10)) if steps > 40 else tuple(sorted({max(1, steps // 2), steps}))
+
+
+def resolve_model(spec: str) -> str:
+    """A preset name prepared on demand (cached), or a local model directory as given."""
+    from fedgt.models import PRESETS
+    from fedgt.pretrain import prepare_preset
+
+    return str(prepare_preset(spec)) if spec in PRESETS else spec
+
+
+def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
+    """Prepare, curate and train (each cached); the trained Grad-Transformer's directory."""
+    from fedgt.grad_transformer import best_device
+    from fedgt.judge import LLMJudge
+    from fedgt.probes import probe_features, probe_prompts
+    from fedgt.provider import shadow_domains
+    from fedgt.shadow import CurationConfig, curate, load_pairs
+    from fedgt.train_gt import TrainConfig, gt_config_for, train_gt
+
+    root = cache_dir() / "provider" / cfg.key()
+    gt_dir = root / "gt"
+    if (gt_dir / "provider.json").is_file():
+        return gt_dir
+    log = print if progress else (lambda *a, **k: None)
+    tiny, llm = resolve_model(cfg.tiny), resolve_model(cfg.llm)
+    shadow = shadow_domains(cfg.n_examples, cfg.shadow_domains, cfg.seed)
+    ft = replace(cfg.finetune, snapshot_steps=snapshot_steps(cfg.finetune.steps))
+    ccfg = CurationConfig(tiny_model=tiny, llm_model=llm, lora=cfg.lora, finetune=ft, n_examples=cfg.n_examples,
+                          tiny_dp=cfg.tiny_dp)
+    log(f"provider: curating {len(shadow)} shadow domains into {root / 'shadow'}", flush=True)
+    curate([(d.name, list(d.train)) for d in shadow], ccfg, root / "shadow", workers=cfg.workers, progress=progress)
+    pairs = load_pairs(root / "shadow")
+    device = best_device()
+    judge = LLMJudge(llm, cfg.lora, device=device)
+    prompts = probe_prompts(shadow, cfg.probes, cfg.seed) if cfg.probes else []
+    if prompts:
+        pairs.probes = probe_features(LLMJudge(tiny, cfg.lora, device=device), pairs.tiny, prompts)
+    probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
+    gcfg = gt_config_for(pairs, decoder="parallel", d_model=cfg.d_model, ffn=2 * cfg.d_model, **probe)
+    tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed)
+    log(f"provider: training the Grad-Transformer on {len(pairs.tiny)} pairs ({cfg.epochs} epochs, {device})",
+        flush=True)
+    train_gt(pairs, gcfg, tcfg, judge, {d.name: list(d.train) for d in shadow},
+             {d.name: list(d.test) for d in shadow}, gt_dir, progress=progress)
+    meta = {"tiny": tiny, "llm": llm, "lora": asdict(cfg.lora), "finetune": asdict(cfg.finetune),
+            "tiny_dp": asdict(cfg.tiny_dp), "probe_prompts": prompts, "shadow_domains": pairs.names,
+            "provider": {k: v for k, v in asdict(cfg).items() if k not in ("lora", "finetune", "tiny_dp")}}
+    (gt_dir / "provider.json").write_text(json.dumps(meta, indent=1))  # written last: marks the GT complete
+    return gt_dir

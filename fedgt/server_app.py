@@ -1,0 +1,160 @@
+"""Flower ServerApp: load the Grad-Transformer and the base models, run the rounds, evaluate and save the LLM.
+
+Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-run<id>``): ``metrics.jsonl``
+(one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why),
+``metrics.png``, ``results.md`` (the table the demo prints), ``checkpoints/round-N.pt`` and the final LLM as a
+peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
+``output.merged``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedgt.fed_config import FedConfig, from_run_config
+from fedgt.fed_data import simulated_organizations
+from fedgt.fed_eval import LLMEvaluator
+from fedgt.fed_report import plot_rounds, results_table
+from fedgt.lora import attach_lora, lora_parameters
+from fedgt.models import cache_dir, load_model
+from fedgt.provision import provide, resolve_model
+from fedgt.translator import Translator, finetune_from_json, lora_from_json
+from fedgt.updates import spec_of
+from strategies.central_dp import CentralDP
+from strategies.grad_transformer import GradTransformerStrategy
+from strategies.server_opt import ServerOptimizer
+
+log = logging.getLogger("fedgt.server")
+app = ServerApp()
+
+
+def output_dir(cfg: FedConfig, run_id: int) -> Path:
+    """Where this run writes (created)."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
+    out = Path(cfg.output.dir) if cfg.output.dir else cache_dir() / "runs" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def gt_checkpoint(cfg: FedConfig) -> Path:
+    """The Grad-Transformer to use: the configured one, or the provider default (built and cached on first use)."""
+    return Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(cfg.provider_config())
+
+
+def check_provider_match(cfg: FedConfig, meta: dict) -> list[str]:
+    """Where the organizations' settings differ from what the GT was trained on (warnings, not errors)."""
+    notes = []
+    if lora_from_json(meta["lora"]) != cfg.lora_settings():
+        notes.append(f"LoRA {cfg.lora_settings()} differs from the GT's {meta['lora']}")
+    ft = finetune_from_json(meta["finetune"])
+    ours = cfg.finetune_config()
+    if (ft.steps, ft.lr, ft.batch_size) != (ours.steps, ours.lr, ours.batch_size):
+        notes.append(f"local fine-tuning (steps {ours.steps}, lr {ours.lr}, batch {ours.batch_size}) differs from the "
+                     f"GT's curation (steps {ft.steps}, lr {ft.lr}, batch {ft.batch_size}): updates will be off its "
+                     "training distribution")
+    return notes
+
+
+def wait_for_organizations(grid: Grid, cfg: FedConfig) -> int:
+    """Wait up to federation.wait-s for federation.num-organizations nodes; fail with the fix otherwise."""
+    want, deadline = cfg.federation.num_organizations, time.monotonic() + cfg.federation.wait_s
+    while (have := len(list(grid.get_node_ids()))) < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {have} of federation.num-organizations={want} organizations connected within "
+                f"{cfg.federation.wait_s:g} s. In simulation run `flwr run . --federation-config "
+                f"\"num-supernodes={want}\"` (or `fedgt federate`, which sets it); at partner sites start {want} "
+                "SuperNodes or lower federation.num-organizations")
+        time.sleep(0.5)
+    return have
+
+
+def _model_state(name: str, lora) -> tuple:
+    model = attach_lora(load_model(name)[0], lora)
+    return spec_of(model), lora_parameters(model)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the whole federation."""
+    cfg = from_run_config(context.run_config)
+    out = output_dir(cfg, context.run_id)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
+    lora = cfg.lora_settings()
+    gt_dir = gt_checkpoint(cfg)
+    translator = Translator(gt_dir, cfg.gt.device)
+    for note in check_provider_match(cfg, translator.meta):
+        log.warning("Grad-Transformer %s: %s", gt_dir, note)
+    tiny_spec, tiny_init = _model_state(tiny_name, lora)
+    llm_spec, llm_init = _model_state(llm_name, lora)
+    translator.check_specs(tiny_spec, llm_spec)
+
+    # Evaluation: organizations' test splits exist on the server only in simulation.
+    n_orgs = cfg.federation.num_organizations
+    orgs = list(simulated_organizations(cfg, n_orgs)) if cfg.eval.org_tests else []
+    from fedgt.data import public_text_domains
+
+    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
+    evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
+                             cfg.train.max_length)
+    if orgs and cfg.eval.ceiling:
+        log.info("simulation only: fine-tuning the LLM on each organization's data for the LGR ceiling")
+        evaluator.compute_ceiling(orgs, cfg.finetune_config())
+
+    s = cfg.strategy
+    central = CentralDP(s.central_dp_clip, s.central_dp_noise_multiplier, cfg.dp.delta,
+                        seed=cfg.train.seed) if s.central_dp else None
+    strategy = GradTransformerStrategy(
+        translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init, llm_init=llm_init,
+        lora=lora, mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta, norm_bound=s.norm_bound,
+        rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
+        max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size,
+        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
+        min_train_nodes=max(1, int(n_orgs * s.fraction_train)))
+    wait_for_organizations(grid, cfg)
+
+    rows: list[dict] = []
+
+    def evaluate(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+        t0 = time.perf_counter()
+        scores = evaluator(strategy.llm)
+        row = {"round": server_round, "eval": scores, "eval_s": time.perf_counter() - t0,
+               "log": strategy.round_log.get(server_round, {})}
+        rows.append(row)
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if server_round > 0:
+            ckpt = out / "checkpoints" / f"round-{server_round}.pt"
+            ckpt.parent.mkdir(exist_ok=True)
+            torch.save({"llm": strategy.llm.state_dict(), "tiny": strategy.tiny.state_dict(),
+                        "server_opt": strategy.server_opt.state_dict(), "round": server_round}, ckpt)
+        log.info("round %d: %s", server_round, {k: v for k, v in scores.items() if k != "orgs"})
+        return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, int | float)})
+
+    t0 = time.time()
+    strategy.start(grid=grid, initial_arrays=strategy.current_arrays(), num_rounds=cfg.federation.num_server_rounds,
+                   train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    wall = time.time() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    (out / "summary.json").write_text(json.dumps({
+        "wall_s": wall, "server_peak_rss_mb": peak_mb, "rounds": cfg.federation.num_server_rounds,
+        "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {},
+        "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0}}, indent=1,
+        default=float))
+    adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged)
+    ceiling = evaluator.ceiling
+    table = results_table(rows, evaluator.base_scores, ceiling, wall, cfg)
+    (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n")
+    plot_rounds(rows, ceiling, out / "metrics.png")
+    print(table, flush=True)
+    print(f"outputs: {out}", flush=True)

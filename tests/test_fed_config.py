@@ -1,0 +1,73 @@
+"""The federation's run config: every shipped config file validates, and bad values fail naming their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedgt.fed_config import (
+    KEYS,
+    ConfigError,
+    FedConfig,
+    from_run_config,
+    load_toml,
+    pyproject_run_config,
+    to_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = pyproject_run_config(ROOT / "pyproject.toml")
+
+
+def test_pyproject_lists_every_knob_with_its_default() -> None:
+    assert sorted(BASE) == sorted(KEYS)
+    assert from_run_config(BASE) == FedConfig()
+    assert from_run_config(to_run_config(FedConfig())) == FedConfig()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.name)
+def test_every_scenario_file_loads(path: Path) -> None:
+    cfg = load_toml(path, BASE)
+    assert cfg.federation.num_organizations >= 1
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("dp.mode", "dp-sgb", "dp.mode"),
+    ("strategy.aggregator", "krum", "strategy.aggregator"),
+    ("strategy.trim-beta", 0.5, "strategy.trim-beta"),
+    ("train.steps", 0, "train.steps"),
+    ("train.lr", "fast", "expected float"),
+    ("federation.num-organizations", 2.5, "expected int"),
+    ("eval.ceiling", 1, "expected bool"),
+    ("model.pair", "huge", "model.pair"),
+    ("gt.checkpoint", "/no/such/dir", "gt.checkpoint"),
+    ("data.path", "/no/such/dir", "data.path"),
+])
+def test_a_bad_value_fails_naming_its_key(key: str, value, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as err:
+        from_run_config({**BASE, key: value})
+    assert key in str(err.value)
+
+
+def test_unknown_keys_and_incompatible_choices_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        from_run_config({**BASE, "strategy.agregator": "mean"})
+    with pytest.raises(ConfigError, match="central DP needs"):
+        from_run_config({**BASE, "strategy.central-dp": True, "strategy.aggregator": "median"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dp.mode = "loud"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml.*dp\.mode"):
+        load_toml(bad, BASE)
+    bad.write_text("dp.mode = \n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_toml(bad, BASE)
+
+
+def test_derived_library_configs() -> None:
+    cfg = from_run_config({**BASE, "dp.mode": "dp-sgd", "dp.epsilon": 4.0, "lora.targets": "q_proj, k_proj"})
+    assert cfg.lora_settings().target_modules == ("q_proj", "k_proj")
+    assert cfg.dp_config().epsilon == 4.0 and cfg.dp_config().mode == "dp-sgd"
+    provider = cfg.provider_config()
+    assert provider.tiny_dp.mode == "dp-sgd" and provider.shadow_domains == cfg.gt.shadow_domains
+    assert cfg.model_names() == ("tinylm", "llm")

@@ -1,0 +1,59 @@
+"""The server's shared-model state: folding rounds into the base, and saving as a standard peft adapter."""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from fedgt.global_adapter import GlobalAdapter, merge_into_base
+from fedgt.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
+from fedgt.models import load_model
+from fedgt.updates import spec_of
+
+
+def _random_update(spec, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.05 * torch.randn(s, generator=g) for k, s in zip(spec.keys, spec.shapes, strict=True)}
+
+
+def test_saved_adapter_of_merged_rounds_loads_with_peft_and_equals_the_server_model(toy_pair, tmp_path) -> None:
+    lora = LoraSettings()
+    llm = str(toy_pair[1])
+    model = attach_lora(load_model(llm)[0], lora)
+    spec, init = spec_of(model), lora_parameters(model)
+    state = GlobalAdapter(spec, init, lora, scheme="merge")
+    for seed in (1, 2):
+        state.add(_random_update(spec, seed))
+        state.end_round()
+    state.add(_random_update(spec, 3))  # the current, not yet folded, round
+
+    # What the server evaluates: base weights with the folded rounds, plus the current LoRA factors.
+    for piece in state.merged:
+        merge_into_base(model, piece, lora.scaling)
+    set_lora_parameters(model, state.current)
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    expected = model(input_ids=ids).logits
+
+    out = state.save_peft(llm, tmp_path / "adapter", merged_copy=True)
+    base = load_model(llm)[0]
+    untouched = base(input_ids=ids).logits
+    loaded = PeftModel.from_pretrained(base, str(out))
+    assert loaded.peft_config["default"].r == lora.r * 3
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(untouched, expected, atol=1e-3)
+    merged = load_model(str(out / "merged"))[0]
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_state_round_trips() -> None:
+    from fedgt.updates import UpdateSpec
+
+    spec = UpdateSpec.from_parameters({"model.layers.0.q_proj.lora_A.weight": torch.zeros(2, 3),
+                                       "model.layers.0.q_proj.lora_B.weight": torch.zeros(3, 2)})
+    init = {k: torch.ones(s) for k, s in zip(spec.keys, spec.shapes, strict=True)}
+    a = GlobalAdapter(spec, init, LoraSettings(), "merge")
+    a.add({k: torch.full(s, 2.0) for k, s in zip(spec.keys, spec.shapes, strict=True)})
+    a.end_round()
+    b = GlobalAdapter(spec, init, LoraSettings(), "merge")
+    b.load_state_dict(a.state_dict())
+    assert len(b.merged) == 1 and torch.equal(b.merged[0][spec.keys[0]], torch.full((2, 3), 3.0))

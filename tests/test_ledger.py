@@ -1,0 +1,53 @@
+"""The privacy ledger: RDP composition across rounds, persistence, and declining over budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedgt.ledger import BudgetExceeded, PrivacyLedger, rdp_epsilon, round_mechanisms
+from fedgt.privacy import DPConfig, gaussian_sigma
+
+
+def test_dp_sgd_round_mechanism_matches_its_target_epsilon() -> None:
+    dp = DPConfig(mode="dp-sgd", epsilon=8.0)
+    (mech,) = round_mechanisms(dp, num_examples=128, batch_size=16, steps=100)
+    z, q, steps = mech
+    assert q == pytest.approx(1 / 8) and steps == 100
+    assert rdp_epsilon([mech], 1e-5) == pytest.approx(8.0, rel=0.02)  # Opacus solves σ for this ε
+    assert round_mechanisms(DPConfig(), 128, 16, 100) == []
+
+
+def test_update_mode_mechanism_is_the_gaussian_release() -> None:
+    dp = DPConfig(mode="update", epsilon=8.0, update_clip=2.0)
+    assert round_mechanisms(dp, 128, 16, 100) == [(gaussian_sigma(2.0, 8.0, 1e-5) / 2.0, 1.0, 1)]
+
+
+def test_ledger_composes_persists_and_declines(tmp_path) -> None:
+    path = tmp_path / "org" / "ledger.json"
+    mech = round_mechanisms(DPConfig(mode="dp-sgd", epsilon=4.0), 128, 16, 50)
+    ledger = PrivacyLedger(path, budget=10.0, delta=1e-5)
+    assert ledger.spent() == 0.0
+    first = ledger.record(mech, 1)
+    assert first == pytest.approx(4.0, rel=0.02)
+    again = PrivacyLedger(path, budget=10.0, delta=1e-5)  # a new process reads what was spent
+    second = again.projected(mech)
+    assert first < second < 2 * first  # RDP composition: more than one round, less than adding ε
+    again.record(mech, 2)
+    with pytest.raises(BudgetExceeded, match="over the budget"):
+        for _ in range(10):
+            again.check(mech)
+            again.record(mech, 3)
+    assert again.spent() <= 10.0
+    assert json.loads(path.read_text())["rounds"][0]["round"] == 1
+
+
+def test_a_corrupt_or_mismatched_ledger_is_refused(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt privacy ledger"):
+        PrivacyLedger(path, budget=1.0, delta=1e-5)
+    PrivacyLedger(tmp_path / "ok.json", 5.0, 1e-5).record([(1.0, 0.1, 10)], 1)
+    with pytest.raises(ValueError, match="delta"):
+        PrivacyLedger(tmp_path / "ok.json", 5.0, 1e-6)

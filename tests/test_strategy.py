@@ -1,0 +1,171 @@
+"""GradTransformerStrategy on hand-made replies: FedAvg equivalence, validation, modes, round schemes, central DP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedgt.lora import LoraSettings
+from fedgt.updates import UpdateSpec, flatten, to_array_record
+from strategies.central_dp import CentralDP
+from strategies.grad_transformer import GradTransformerStrategy
+from strategies.server_opt import ServerOptimizer
+
+KEYS = [f"model.layers.{i}.self_attn.q_proj.lora_{f}.weight" for i in range(2) for f in "AB"]
+SHAPES = {k: (2, 4) if "lora_A" in k else (4, 2) for k in KEYS}
+SPEC = UpdateSpec.from_parameters({k: torch.zeros(s) for k, s in SHAPES.items()})
+INIT = {k: (torch.randn(s, generator=torch.Generator().manual_seed(1)) if "lora_A" in k else torch.zeros(s))
+        for k, s in SHAPES.items()}
+
+
+@pytest.fixture(autouse=True)
+def _flower_task_identity(monkeypatch) -> None:
+    """Messages are normally built inside a Flower run, which sets the run id; outside one, set it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def update(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+    if error is not None:
+        return Message(error=Error(code=1, reason=error), reply_to=instruction)
+    return Message(content, reply_to=instruction)
+
+
+def good(node: int, upd: dict, n: int) -> Message:
+    return reply(node, RecordDict({"arrays": to_array_record(upd, SPEC), "metrics": MetricRecord({"num-examples": n})}))
+
+
+def strategy(**kw) -> GradTransformerStrategy:
+    return GradTransformerStrategy(translate=lambda x: x.clone(), tiny_spec=SPEC, llm_spec=SPEC, tiny_init=INIT,
+                                   llm_init=INIT, lora=LoraSettings(), **kw)
+
+
+def test_identity_map_equals_flower_fedavg_of_the_updates() -> None:
+    updates, sizes = [update(s) for s in range(3)], [10, 30, 60]
+    replies = [good(i + 1, u, n) for i, (u, n) in enumerate(zip(updates, sizes, strict=True))]
+    s = strategy(rounds="naive")
+    s.aggregate_train(1, replies)
+    fedavg, _ = FedAvg().aggregate_train(1, replies)
+    expected = {k: INIT[k] + torch.from_numpy(a.numpy()) for k, a in fedavg.items()}
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], expected[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(s.tiny.current[k], expected[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median", "trimmed_mean", "norm_bounded_mean"])
+def test_both_orders_agree_under_the_identity_map(aggregator: str) -> None:
+    replies = [good(i + 1, update(i), 10 * (i + 1)) for i in range(5)]
+    a = strategy(mode="transform-then-aggregate", aggregator=aggregator, gt_batch_size=2, rounds="naive")
+    b = strategy(mode="aggregate-then-transform", aggregator=aggregator, rounds="naive")
+    a.aggregate_train(1, replies)
+    b.aggregate_train(1, replies)
+    for k in KEYS:
+        torch.testing.assert_close(a.llm.current[k], b.llm.current[k], atol=1e-6, rtol=0)
+    if aggregator == "median":
+        stacked = torch.stack([flatten(update(i), SPEC) for i in range(5)])
+        torch.testing.assert_close(flatten({k: a.llm.current[k] - INIT[k] for k in KEYS}, SPEC),
+                                   stacked.median(0).values, atol=1e-6, rtol=0)
+
+
+def test_bad_replies_are_left_out_with_their_reasons_and_the_round_goes_on() -> None:
+    u1, u2 = update(1), update(2)
+    nan = {**update(3), KEYS[0]: torch.full(SHAPES[KEYS[0]], math.nan)}
+    wrong_shape = ArrayRecord({k: Array(np.zeros((3, 3), np.float32)) for k in KEYS})
+    declined = reply(9, RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1}),
+                                    "decline": ConfigRecord({"reason": "privacy budget: over"})}))
+    replies = [
+        good(1, u1, 10), good(2, u2, 30),
+        good(3, nan, 10),
+        reply(4, RecordDict({"arrays": wrong_shape, "metrics": MetricRecord({"num-examples": 5})})),
+        reply(5, RecordDict({"arrays": to_array_record(u1, SPEC)})),
+        reply(6, error="client crashed"),
+        good(7, u1, 0),
+        good(8, update(4, scale=1e3), 10),
+        declined,
+    ]
+    s = strategy(rounds="naive", max_update_norm=50.0)
+    arrays, metrics = s.aggregate_train(3, replies)
+    assert arrays is not None
+    assert (metrics["accepted"], metrics["rejected"], metrics["declined"]) == (2, 6, 1)
+    assert metrics["rejected-nonfinite"] == 1 and metrics["rejected-norm"] == 1
+    reasons = {r["node"]: r["reason"] for r in s.round_log[3]["rejected"]}
+    assert "not finite" in reasons[3] and "shape" in reasons[4] and "metrics" in reasons[5]
+    assert "client crashed" in reasons[6] and "num-examples" in reasons[7] and "max-update-norm" in reasons[8]
+    assert s.round_log[3]["declined"] == [{"node": 9, "reason": "privacy budget: over"}]
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], INIT[k] + (10 * u1[k] + 30 * u2[k]) / 40, atol=1e-6, rtol=0)
+
+
+def test_no_usable_reply_keeps_the_models() -> None:
+    s = strategy()
+    arrays, metrics = s.aggregate_train(1, [reply(1, error="boom")])
+    assert arrays is None and metrics["accepted"] == 0
+    assert all(torch.equal(s.llm.current[k], INIT[k]) for k in KEYS) and s.llm.merged == []
+
+
+def test_merge_rounds_fold_into_the_base_and_restart_at_the_init() -> None:
+    s = strategy(rounds="merge")
+    s.aggregate_train(1, [good(1, update(1), 10)])
+    s.aggregate_train(2, [good(1, update(2), 10)])
+    assert len(s.llm.merged) == 2 and all(torch.equal(s.llm.current[k], INIT[k]) for k in KEYS)
+    torch.testing.assert_close(s.llm.merged[1][KEYS[1]], INIT[KEYS[1]] + update(2)[KEYS[1]])
+    base = s.tiny.base_factors()
+    assert base[KEYS[0]].shape == (4, 4) and base[KEYS[1]].shape == (4, 4)  # rank 2 x 2 rounds
+
+
+def test_central_dp_noises_the_clipped_mean_once_and_accounts() -> None:
+    replies = [good(i + 1, update(i), 10 * (i + 1)) for i in range(4)]
+    s = strategy(mode="aggregate-then-transform", rounds="naive",
+                 central_dp=CentralDP(clip=100.0, noise_multiplier=1e-9, seed=0))
+    _, metrics = s.aggregate_train(1, replies)
+    mean = {k: sum(update(i)[k] for i in range(4)) / 4 for k in KEYS}  # uniform weights under DP
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], INIT[k] + mean[k], atol=1e-5, rtol=0)
+    assert metrics["dp-central-run-epsilon"] > 0
+    with pytest.raises(ValueError, match="central DP"):
+        strategy(mode="transform-then-aggregate", central_dp=CentralDP(1.0, 1.0))
+
+
+def test_server_optimizer_scales_the_llm_step() -> None:
+    s = strategy(rounds="naive", server_opt=ServerOptimizer("none", lr=0.5))
+    s.aggregate_train(1, [good(1, update(1), 10)])
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], INIT[k] + 0.5 * update(1)[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(s.tiny.current[k], INIT[k] + update(1)[k], atol=1e-6, rtol=0)
+
+
+def test_retranslate_rounds_map_the_whole_adapter_each_round() -> None:
+    s = strategy(rounds="retranslate")
+    s.aggregate_train(1, [good(1, update(1), 10), good(2, update(2), 10)])
+    s.aggregate_train(2, [good(1, update(3), 10)])
+    # Identity GT: the LLM adapter is the image of the TinyLM's whole adapter, never a sum of per-round images.
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], s.tiny.current[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(s.tiny.current[k], INIT[k] + (update(1)[k] + update(2)[k]) / 2 + update(3)[k],
+                                   atol=1e-6, rtol=0)
+    assert s.llm.merged == [] and s.tiny.base_factors() == {}
+
+
+def test_retranslate_feeds_the_gt_the_adapter_relative_to_the_init() -> None:
+    seen = []
+    s = GradTransformerStrategy(translate=lambda x: seen.append(x.clone()) or torch.zeros_like(x), tiny_spec=SPEC,
+                                llm_spec=SPEC, tiny_init=INIT, llm_init=INIT, lora=LoraSettings(),
+                                rounds="retranslate", mode="aggregate-then-transform")
+    s.aggregate_train(1, [good(1, update(1), 10)])
+    s.aggregate_train(2, [good(1, update(2), 10)])
+    expected = flatten({k: update(1)[k] + update(2)[k] for k in KEYS}, SPEC)
+    torch.testing.assert_close(seen[1][0], expected, atol=1e-6, rtol=0)
