@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv (once; again when pyproject.toml changes) and run one job:
-#   bash run.sh demo   the main job: prepare the model pair (cached), one organization's private fine-tune + evaluation
+#   bash run.sh demo   the main job: models + Grad-Transformer (cached), a simulated federation (flwr run), its results
 #   bash run.sh test   the default test suite (what CI runs)
 #   bash run.sh slow   the slow end-to-end tests
 set -euo pipefail
