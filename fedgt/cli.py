@@ -170,11 +170,22 @@ def cmd_federate(args: argparse.Namespace) -> None:
     from fedgt.models import cache_dir
 
     overrides = {**_overrides(args), "output.dir": str(args.out.resolve())}
-    rc = run_federation(args.app.resolve(), overrides, args.flwr_home or cache_dir() / "flwr-home")
+    rc = run_federation(args.app.resolve(), overrides, args.flwr_home or cache_dir() / "flwr-home",
+                        ray_address=args.ray_address)
     results = args.out / "results.md"
     if rc or not results.is_file():
         raise SystemExit(f"fedgt federate: the federation failed (flwr exit code {rc})")
     print(results.read_text())
+
+
+def cmd_export_orgs(args: argparse.Namespace) -> None:
+    from fedgt.fed_config import from_run_config, pyproject_run_config
+    from fedgt.fed_data import simulated_organizations, write_jsonl
+
+    cfg = from_run_config({**pyproject_run_config(args.app / "pyproject.toml"), **_overrides(args)})
+    n = cfg.federation.num_organizations
+    for i, org in enumerate(simulated_organizations(cfg, n)):
+        print(f"{write_jsonl(org, args.out / f'org-{i}')}  ({org.name})")
 
 
 def cmd_provide(args: argparse.Namespace) -> None:
@@ -246,6 +257,10 @@ def cmd_train_gt(args: argparse.Namespace) -> None:
         raise ValueError(f"curated domains {missing[:3]} are not in the shadow data given here (same --shadow-data?)")
     record = train_gt(pairs, gcfg, tcfg, judge, {n: list(domains[n].train) for n in pairs.names},
                       {n: list(domains[n].test) for n in pairs.names}, args.out)
+    # What the federation's server needs to use this GT (`gt.checkpoint`): the models and settings it maps between.
+    (args.out / "provider.json").write_text(json.dumps({
+        "tiny": cfg["tiny_model"], "llm": cfg["llm_model"], "lora": cfg["lora"], "finetune": cfg["finetune"],
+        "tiny_dp": cfg.get("tiny_dp"), "probe_prompts": [], "shadow_domains": pairs.names}, indent=1))
     print(f"best epoch {record['best_epoch']} (val {tcfg.select_on} {record['best_val']:.4f}), "
           f"{record['seconds']:.0f} s on {record['device']}; checkpoint in {args.out}")
 
@@ -332,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("federate", cmd_federate, "run the Flower app on a local Ray simulation (flwr run) and print the results"),
         ("provide", cmd_provide, "provider: prepare the pair, curate shadow pairs and train the GT for the app's "
                                  "settings (cached); prints the GT directory"),
+        ("export-orgs", cmd_export_orgs, "write the simulated organizations' data as site folders (JSONL), e.g. "
+                                         "for a loopback deployment"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (its pyproject.toml)")
@@ -339,10 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--orgs", type=int, help="federation.num-organizations (simulation: num-supernodes)")
         p.add_argument("--rounds", type=int, help="num-server-rounds")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
-        if name != "provide":
+        if name == "export-orgs":
+            p.add_argument("--out", type=Path, default=Path("runs/sites"), help="one subfolder per organization")
+        elif name != "provide":
             p.add_argument("--out", type=Path, default=Path(f"runs/{name}"), help="output.dir of the run")
             p.add_argument("--flwr-home", type=Path, help="FLWR_HOME for the local SuperLink "
                                                           "(default $FEDGT_CACHE/flwr-home)")
+        if name == "federate":
+            p.add_argument("--ray-address", help="run the organizations on an existing Ray cluster (host:port)")
         p.set_defaults(func=func)
     return parser
 

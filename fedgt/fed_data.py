@@ -85,3 +85,22 @@ def organization_data(cfg: FedConfig, node_config: dict) -> DomainData:
     if not 0 <= pid < n:
         raise ValueError(f"node config partition-id={pid} outside 0..{n - 1}")
     return simulated_organizations(cfg, n)[pid]
+
+
+def write_jsonl(data: DomainData, folder: Path) -> Path:
+    """An organization's examples (train and test) as a site data folder in the ``fedgt.data`` JSONL format."""
+    import json
+
+    from fedgt.examples import PROMPT_TEMPLATE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = PROMPT_TEMPLATE.split("{prompt}")
+    with (folder / "data.jsonl").open("w") as f:
+        for ex in (*data.train, *data.test):
+            if ex.is_task and ex.context.startswith(prefix) and ex.context.endswith(suffix):
+                row = {"prompt": ex.context[len(prefix):len(ex.context) - len(suffix)], "answer": ex.answer}
+            else:
+                row = {"text": ex.text}
+            f.write(json.dumps(row) + "\n")
+    return folder

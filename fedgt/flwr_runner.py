@@ -102,15 +102,24 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 
 def run_federation(app_dir: Path, overrides: Mapping[str, Any], flwr_home: Path, cpus_per_org: int = 1,
-                   timeout: float | None = None, stream: bool = True) -> int:
-    """``flwr run APP --federation-config ... --run-config ...`` with num-supernodes from the run config."""
+                   timeout: float | None = None, stream: bool = True, ray_address: str | None = None) -> int:
+    """``flwr run APP --federation-config ... --run-config ...`` with num-supernodes from the run config.
+
+    ``ray_address`` (e.g. ``head-node:6379``): run the organizations on an existing Ray cluster. Flower's Ray
+    backend calls ``ray.init()``, which joins the cluster named by ``RAY_ADDRESS``; the cluster's nodes need this
+    package installed and the prepared models under the same ``FEDGT_CACHE`` path.
+    """
     app_dir = Path(app_dir).resolve()
     cfg = from_run_config({**pyproject_run_config(app_dir / "pyproject.toml"), **overrides})  # fail before starting
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flwr_env(flwr_home)
     stop_local_superlink(flwr_home)
     n = cfg.federation.num_organizations
-    fed = f"num-supernodes={n} client-resources-num-cpus={cpus_per_org} init-args-num-cpus={os.cpu_count() or 1}"
+    fed = f"num-supernodes={n} client-resources-num-cpus={cpus_per_org}"
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # joining a cluster: Ray refuses num_cpus in ray.init
+    else:
+        fed += f" init-args-num-cpus={os.cpu_count() or 1}"
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "--federation-config", fed]
     if overrides:
         cmd += ["--run-config", run_config_arg(overrides)]

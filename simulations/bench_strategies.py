@@ -43,12 +43,18 @@ from fedgt.metrics import pooled_ratio  # noqa: E402
 from fedgt.models import load_model  # noqa: E402
 from fedgt.provision import provide, resolve_model  # noqa: E402
 from fedgt.translator import Translator  # noqa: E402
-from fedgt.updates import flatten, spec_of  # noqa: E402
+from fedgt.updates import flatten, spec_of, unflatten  # noqa: E402
 from strategies.grad_transformer import GradTransformerStrategy  # noqa: E402
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 SCHEMES = ("retranslate", "merge", "naive")
+REFERENCE_LABELS = (
+    ("llm_fedavg_round1", "FedAvg of the organizations' own LLM updates (if they could train the LLM; round 1)"),
+    ("llm_deltaw_mean_round1", "exact weight-space mean of those LLM updates (round 1)"),
+    ("gt_deltaw_mean_round1", "exact weight-space mean of the GT's LLM updates (round 1)"),
+    ("llm_union_ft", "LLM fine-tuned on the union of all organizations' data (centralised, same budget)"),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,7 +144,7 @@ def main(argv=None) -> dict:
     print(f"{n_orgs} organizations: fine-tuning the LLM on each for the LGR ceiling", flush=True)
     ceiling = evaluator.compute_ceiling(orgs, cfg.finetune_config())
     base_scores = evaluator(_fresh(tiny_spec, tiny_init, llm_spec, llm_init, lora, translator).llm)
-    fedavg_llm = _llm_fedavg_reference(evaluator, cfg, orgs)
+    llm_refs, _ = _llm_references(evaluator, cfg, orgs)
 
     cache: dict = {}
     ctx = mp.get_context("spawn")
@@ -174,16 +180,20 @@ def main(argv=None) -> dict:
                     print(f"{name:<55} LGR EM/loss after round {rounds}: {last.get('lgr-em', float('nan')):.3f} / "
                           f"{last.get('lgr', float('nan')):.3f}  server {sum(r['server_s'] for r in rows):.2f} s",
                           flush=True)
-    tiny_round1 = [cache[(i, 1, _digest({}, dict(tiny_init)))][1] for i in range(n_orgs)]
+    round1 = [cache[(i, 1, _digest({}, dict(tiny_init)))] for i in range(n_orgs)]
+    tiny_round1 = [m for _, m in round1]
+    weights = torch.tensor([m["num-examples"] for m in tiny_round1])
+    gt_updates = translator(torch.stack([t for t, _ in round1]))
     refs = {
         "llm_base": _pooled(base_scores, evaluator),
         "tiny_ft_round1": {"org-em": _mean([m.get("tiny-test-em") for m in tiny_round1]),
                            "org-loss": _mean([m.get("tiny-test-loss") for m in tiny_round1])},
         "llm_ft_per_org": {"org-em": _mean([c.get("exact_match") for c in ceiling]),
                            "org-loss": _mean([c["loss"] for c in ceiling])},
-        "llm_fedavg_round1": fedavg_llm,
+        **llm_refs,
+        "gt_deltaw_mean_round1": _scores_ref(deltaw_mean_scores(evaluator, gt_updates, weights / weights.sum())),
     }
-    for key in ("tiny_ft_round1", "llm_fedavg_round1"):
+    for key in ("tiny_ft_round1", *llm_refs, "gt_deltaw_mean_round1"):
         refs[key].update(_lgr(refs[key], evaluator))
     results = {"command": "python simulations/bench_strategies.py " + " ".join(argv if argv is not None else
                                                                                  sys.argv[1:]),
@@ -215,17 +225,49 @@ def _evaluator_copy(ev: LLMEvaluator, llm_name, lora, orgs, public, cfg, transla
     return new
 
 
-def _llm_fedavg_reference(ev: LLMEvaluator, cfg: FedConfig, orgs) -> dict:
-    """FedAvg of the organizations' own LLM updates (round 1): what training the LLM federatedly would give."""
+def _scores_ref(scores: list[dict]) -> dict:
+    return {"org-em": _mean([s.get("exact_match") for s in scores]), "org-loss": _mean([s["loss"] for s in scores]),
+            "_per_org": scores}
+
+
+def _llm_references(ev: LLMEvaluator, cfg: FedConfig, orgs) -> tuple[dict, torch.Tensor]:
+    """References for one shared LLM trained by the organizations themselves (simulation only).
+
+    ``llm_fedavg_round1``: FedAvg of their own LLM LoRA updates (factors averaged, as FedAvg does);
+    ``llm_deltaw_mean_round1``: the exact weighted mean of their weight changes (s * B_i @ A_i);
+    ``llm_union_ft``: the LLM fine-tuned on the union of their data with the same budget (centralised).
+    """
     from fedgt.shadow import LoraTuner
 
     tuner = LoraTuner(ev.llm_model, ev.lora)
-    ups = [tuner.tokens(tuner.run(list(o.train), cfg.finetune_config()).update) for o in orgs]
+    ups = torch.stack([tuner.tokens(tuner.run(list(o.train), cfg.finetune_config()).update) for o in orgs])
     weights = torch.tensor([len(o.train) for o in orgs], dtype=torch.float32)
-    mean = (torch.stack(ups) * (weights / weights.sum()).view(-1, 1, 1)).sum(0)
-    scores = ev.judge.score(mean.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests)
-    return {"org-em": _mean([s.get("exact_match") for s in scores]), "org-loss": _mean([s["loss"] for s in scores]),
-            "_per_org": scores}
+    weights = weights / weights.sum()
+    mean = (ups * weights.view(-1, 1, 1)).sum(0)
+    refs = {"llm_fedavg_round1": _scores_ref(ev.judge.score(mean.unsqueeze(0).expand(len(orgs), -1, -1),
+                                                            ev.org_tests)),
+            "llm_deltaw_mean_round1": _scores_ref(deltaw_mean_scores(ev, ups, weights))}
+    union = [ex for o in orgs for ex in o.train]
+    u = tuner.tokens(tuner.run(union, cfg.finetune_config()).update)
+    refs["llm_union_ft"] = _scores_ref(ev.judge.score(u.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests))
+    return refs, ups
+
+
+def deltaw_mean_scores(ev: LLMEvaluator, updates: torch.Tensor, weights: torch.Tensor) -> list[dict]:
+    """Scores of base + sum_i w_i * s * B_i @ A_i (the exact mean in weight space, not of the factors)."""
+    from fedgt.global_adapter import concat_pieces, merge_into_base
+    from fedgt.judge import LLMJudge
+
+    judge = LLMJudge(ev.llm_model, ev.lora, device=ev.judge.device)
+    init = {k: v.cpu() for k, v in judge.init.items()}
+    pieces = []
+    for tokens, w in zip(updates, weights.tolist(), strict=True):
+        delta = unflatten(tokens, judge.spec)
+        piece = {k: init[k] + delta[k] for k in judge.spec.keys}
+        pieces.append({k: v * w if "lora_B" in k else v for k, v in piece.items()})
+    merge_into_base(judge.model, concat_pieces(pieces, judge.spec), ev.lora.scaling)
+    zeros = torch.zeros(len(ev.org_tests), judge.spec.num_layers, judge.spec.token_dim)
+    return judge.score(zeros, ev.org_tests)
 
 
 def _mean(xs):
@@ -296,9 +338,8 @@ def render(results: dict) -> str:
              f"| untuned LLM | {_pct(refs['llm_base'].get('org-em'))} | 0% | 0% |",
              f"| each organization's own fine-tuned TinyLM (round 1) | {_pct(refs['tiny_ft_round1'].get('org-em'))} | "
              f"{_pct(refs['tiny_ft_round1'].get('lgr-em'))} | {_pct(refs['tiny_ft_round1'].get('lgr'))} |",
-             f"| FedAvg of the organizations' own LLM updates (they train the LLM; round 1) | "
-             f"{_pct(refs['llm_fedavg_round1'].get('org-em'))} | {_pct(refs['llm_fedavg_round1'].get('lgr-em'))} | "
-             f"{_pct(refs['llm_fedavg_round1'].get('lgr'))} |",
+             *(f"| {label} | {_pct(refs[key].get('org-em'))} | {_pct(refs[key].get('lgr-em'))} | "
+               f"{_pct(refs[key].get('lgr'))} |" for key, label in REFERENCE_LABELS if key in refs),
              "| LLM fine-tuned on each organization's own data (ceiling) | "
              f"{_pct(refs['llm_ft_per_org'].get('org-em'))} | 100% | 100% |", ""]
     rounds = c["rounds"]

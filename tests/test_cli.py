@@ -82,7 +82,12 @@ def test_curate_then_train_gt_from_the_command_line(toy_pair, tmp_path, capsys) 
     assert main(["train-gt", "--pairs", str(pairs), "--out", str(gt), "--epochs", "2", "--d-model", "32",
                  "--layers", "1", "--gt-batch-size", "4"]) == 0
     assert "best epoch" in capsys.readouterr().out
-    assert json.loads((gt / "config.json").read_text())["gt"]["tgt_tokens"] == 3  # toy-large has 3 layers
+    gt_cfg = json.loads((gt / "config.json").read_text())["gt"]
+    assert gt_cfg["tgt_tokens"] == 3  # toy-large has 3 layers
+    from fedgt.translator import Translator  # what the federation's server loads as gt.checkpoint
+
+    translator = Translator(gt, "cpu")
+    assert translator(torch.zeros(2, *translator.src_shape)).shape == (2, 3, gt_cfg["tgt_dim"])
     # A second run resumes: nothing left to train, same checkpoint.
     before = (gt / "model.safetensors").read_bytes()
     assert main(["train-gt", "--pairs", str(pairs), "--out", str(gt), "--epochs", "2", "--d-model", "32",

@@ -59,3 +59,15 @@ def test_a_bad_run_config_fails_before_anything_starts(tmp_path) -> None:
         run_federation(ROOT, {"strategy.aggregator": "krum"}, tmp_path / "home")
     assert not (tmp_path / "home").exists()
     assert "num-server-rounds" in pyproject_run_config(ROOT / "pyproject.toml")
+
+
+def test_exported_site_folders_load_back_as_the_same_organizations(tmp_path) -> None:
+    from fedgt.data import load_user_domain
+    from fedgt.fed_config import from_run_config
+    from fedgt.fed_data import simulated_organizations, write_jsonl
+
+    cfg = from_run_config({**pyproject_run_config(ROOT / "pyproject.toml"), "data.n-train": 8, "data.n-test": 4})
+    org = simulated_organizations(cfg, 3)[1]
+    back = load_user_domain(write_jsonl(org, tmp_path / "site"), test_fraction=0.2)
+    assert sorted(e.text for e in back.train + back.test) == sorted(e.text for e in org.train + org.test)
+    assert all(e.is_task for e in back.train)

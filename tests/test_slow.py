@@ -48,3 +48,40 @@ def test_quality_benchmark_quick_mode_writes_the_results_shape(fedgt_cache, tmp_
             assert {"lgr", "pgr", "lgr_acc", "pgr_acc"} <= set(block["summary"][method])
         assert abs(block["summary"]["llm_ft"]["lgr"] - 1.0) < 1e-9 and abs(block["summary"]["llm_base"]["lgr"]) < 1e-9
     assert (tmp_path / "quality_quick.md").is_file() and (tmp_path / "quality_quick.png").is_file()
+
+
+@pytest.mark.slow
+def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> None:
+    """deploy/loopback.sh: SuperLink (TLS, registered SuperNodes only) + 2 sites reading their data-path."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs openssl and ssh-keygen")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SCENARIO": "simulations/toy.toml", "SITES": "2", "PORT": "18543"}
+    done = subprocess.run(["bash", "deploy/loopback.sh", str(tmp_path)], cwd=root, env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert len(rows[1]["log"]["accepted"]) == 2 and "public-loss" in rows[2]["eval"]
+    assert (tmp_path / "run" / "llm_adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+    import bench_strategies
+
+    bench_strategies.main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "strategies_quick.json").read_text())
+    assert len(results["runs"]) == 4 * 2 * 3
+    assert all(len(run["rounds"]) == 2 for run in results["runs"].values())

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A real Flower deployment on one machine, the way partner sites run it minus the network:
+# a SuperLink with TLS and SuperNode authentication, N SuperNodes that each read only their own data folder
+# (--node-config data-path=...), then `flwr run` of this app against that SuperLink.
+#
+#   bash deploy/loopback.sh                          # default pair, 2 sites, simulations/deployment.toml
+#   SCENARIO=simulations/toy.toml bash deploy/loopback.sh runs/deploy-toy   # toy pair (seconds; what the slow test runs)
+#
+# Needs: openssl, ssh-keygen, and the prepared models + Grad-Transformer (`fedgt provide`, cached) — the server
+# loads them; each site loads only the TinyLM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=$(mkdir -p "${1:-runs/deploy}" && cd "${1:-runs/deploy}" && pwd)
+scenario=${SCENARIO:-simulations/deployment.toml}
+n=${SITES:-2}
+port=${PORT:-18443}
+bin=$root/.venv/bin
+export PATH="$bin:$PATH" FLWR_HOME="$work/flwr-home" FLWR_DISABLE_UPDATE_CHECK=1 \
+       FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PYTHONUNBUFFERED=1
+mkdir -p "$work/certs" "$work/keys" "$FLWR_HOME"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# 1. The federation's CA and the SuperLink's certificate (SAN localhost / 127.0.0.1).
+c=$work/certs
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=fedgt-ca" -keyout "$c/ca.key" -out "$c/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$c/server.key" -out "$c/server.csr" 2>/dev/null
+printf "subjectAltName=DNS:localhost,IP:127.0.0.1\n" > "$c/san.ext"
+openssl x509 -req -in "$c/server.csr" -CA "$c/ca.crt" -CAkey "$c/ca.key" -CAcreateserial -days 2 \
+  -extfile "$c/san.ext" -out "$c/server.pem" 2>/dev/null
+
+# 2. Each site's data (here: the simulated organizations, written as JSONL folders) and its SuperNode key.
+"$bin/fedgt" export-orgs --scenario "$scenario" --orgs "$n" --out "$work/sites"
+for i in $(seq 0 $((n - 1))); do
+  rm -f "$work/keys/site$i" "$work/keys/site$i.pub"
+  ssh-keygen -q -t ecdsa -b 384 -N "" -f "$work/keys/site$i"
+done
+
+# 3. The SuperLink (central server): TLS, only registered SuperNodes may join.
+setsid "$bin/flower-superlink" --ssl-ca-certfile "$c/ca.crt" --ssl-certfile "$c/server.pem" \
+  --ssl-keyfile "$c/server.key" --enable-supernode-auth --port "$port" > "$work/superlink.log" 2>&1 &
+pids+=($!)
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "tls"
+
+[superlink.tls]
+address = "127.0.0.1:$port"
+root-certificates = "$c/ca.crt"
+EOF
+for _ in $(seq 1 60); do
+  curl -sf --cacert "$c/ca.crt" "https://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  sleep 0.5
+done
+
+# 4. Register every site's public key, then start its SuperNode with its own data path.
+for i in $(seq 0 $((n - 1))); do
+  "$bin/flwr" supernode register "$work/keys/site$i.pub" tls
+  setsid "$bin/flower-supernode" --root-certificates "$c/ca.crt" --superlink "127.0.0.1:$port" \
+    --auth-supernode-private-key "$work/keys/site$i" --port $((port + 10 + i)) \
+    --node-config "data-path=\"$work/sites/org-$i\"" > "$work/supernode$i.log" 2>&1 &
+  pids+=($!)
+done
+
+# 5. Run the app: the server waits for the N sites, runs the rounds, writes output.dir.
+overrides=$("$bin/python" - "$scenario" "$n" "$work/run" <<'PY'
+import sys, tomllib
+from fedgt.fed_config import _flatten
+from fedgt.flwr_runner import run_config_arg
+cfg = _flatten(tomllib.loads(open(sys.argv[1]).read()))
+cfg.update({"federation.num-organizations": int(sys.argv[2]), "output.dir": sys.argv[3],
+            "eval.org-tests": False, "eval.ceiling": False})
+print(run_config_arg(cfg))
+PY
+)
+"$bin/flwr" run . tls --stream --run-config "$overrides"
+test -f "$work/run/results.md" && cat "$work/run/results.md"
