@@ -22,6 +22,7 @@ from fedgt.privacy import DP_MODES, DPConfig
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 ROUND_SCHEMES = ("retranslate", "merge", "naive")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
+SPACES = ("weights", "factors")
 SERVER_OPTS = ("none", "fedavgm", "fedadam")
 SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
 PARTITIONS = ("domain", "iid", "dirichlet")
@@ -89,6 +90,7 @@ class StrategySection:
     trim_beta: float = 0.1
     norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each organization's contribution
     rounds: str = "retranslate"  # retranslate | merge | naive (strategies/grad_transformer.py explains them)
+    space: str = "weights"  # aggregate the LLM updates' weight changes (exact) or their LoRA factors
     server_opt: str = "none"
     server_lr: float = 1.0
     max_update_norm: float = 100.0  # replies whose TinyLM update has a larger L2 norm are rejected
@@ -258,6 +260,9 @@ def _check(cfg: FedConfig) -> None:
     need(0 <= s.trim_beta < 0.5, "strategy.trim-beta", "must be in [0, 0.5)")
     need(s.norm_bound > 0, "strategy.norm-bound", "must be > 0")
     need(s.rounds in ROUND_SCHEMES, "strategy.rounds", f"must be one of {ROUND_SCHEMES}")
+    need(s.space in SPACES, "strategy.space", f"must be one of {SPACES}")
+    need(s.space == "factors" or s.rounds == "retranslate", "strategy.space",
+         "'weights' needs strategy.rounds = 'retranslate'")
     need(s.server_opt in SERVER_OPTS, "strategy.server-opt", f"must be one of {SERVER_OPTS}")
     need(s.server_lr > 0, "strategy.server-lr", "must be > 0")
     need(s.max_update_norm > 0, "strategy.max-update-norm", "must be > 0")

@@ -115,3 +115,71 @@ class GlobalAdapter:
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
         return out
+
+
+# --- weight space -------------------------------------------------------------------------------------------------
+# Averaging LoRA factors (mean of B times mean of A) is not the mean of the weight changes B_i @ A_i; across
+# organizations on different data the cross terms cancel most of the signal. In weight space the server keeps
+# one dense change per adapted module instead: memory O(adapted weights), independent of how many organizations.
+
+
+def dense_change(factors: Mapping[str, torch.Tensor], spec: UpdateSpec, scaling: float) -> dict[str, torch.Tensor]:
+    """scaling * B @ A per LoRA module (absolute factors), as dense (out, in) matrices."""
+    return {m: scaling * factors[m + B_SUFFIX].float() @ factors[m + A_SUFFIX].float() for m in module_names(spec)}
+
+
+def dense_shapes(spec: UpdateSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA module's weight."""
+    shapes = dict(zip(spec.keys, spec.shapes, strict=True))
+    return {m: (shapes[m + B_SUFFIX][0], shapes[m + A_SUFFIX][1]) for m in module_names(spec)}
+
+
+def dense_to_vector(change: Mapping[str, torch.Tensor], spec: UpdateSpec) -> torch.Tensor:
+    """Dense changes flattened in spec module order."""
+    return torch.cat([change[m].reshape(-1) for m in module_names(spec)])
+
+
+def vector_to_dense(vector: torch.Tensor, spec: UpdateSpec) -> dict[str, torch.Tensor]:
+    """Inverse of ``dense_to_vector``."""
+    out, start = {}, 0
+    for m, (o, i) in dense_shapes(spec).items():
+        out[m] = vector[start:start + o * i].reshape(o, i)
+        start += o * i
+    if start != vector.numel():
+        raise ValueError(f"dense vector has {vector.numel()} values, the spec's modules take {start}")
+    return out
+
+
+def dense_as_lora(change: Mapping[str, torch.Tensor], rtol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
+    """Exact LoRA factors (scaling 1) of dense changes by SVD at the smallest rank keeping them all; (factors, r)."""
+    svds = {m: torch.linalg.svd(w.double(), full_matrices=False) for m, w in change.items()}
+    rank = max(1, max(int((s > rtol * max(float(s[0]), 1e-30)).sum()) for _, s, _ in svds.values()))
+    factors = {}
+    for m, (u, s, vh) in svds.items():
+        root = s[:rank].sqrt()
+        factors[m + B_SUFFIX] = (u[:, :rank] * root).float()
+        factors[m + A_SUFFIX] = (root[:, None] * vh[:rank]).float()
+    return factors, rank
+
+
+def save_dense_peft(change: Mapping[str, torch.Tensor], base_model_spec: str, lora: LoraSettings, out: Path,
+                    merged_copy: bool = False) -> Path:
+    """Dense changes saved as a standard peft LoRA adapter (exact: rank by SVD, alpha = r so scaling is 1)."""
+    import peft
+
+    from fedgt.lora import discover_target_modules, set_lora_parameters
+    from fedgt.models import load_model
+
+    factors, rank = dense_as_lora(change)
+    model, tokenizer = load_model(base_model_spec)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=discover_target_modules(model,
+                             lora.target_modules), bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+    peft_model = peft.get_peft_model(model, config)
+    set_lora_parameters(peft_model, factors)
+    out = Path(out)
+    peft_model.save_pretrained(out)
+    if merged_copy:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    return out

@@ -24,6 +24,7 @@ from fedgt.fed_config import FedConfig, from_run_config
 from fedgt.fed_data import simulated_organizations
 from fedgt.fed_eval import LLMEvaluator
 from fedgt.fed_report import plot_rounds, results_table
+from fedgt.global_adapter import save_dense_peft
 from fedgt.lora import attach_lora, lora_parameters
 from fedgt.models import cache_dir, load_model
 from fedgt.provision import provide, resolve_model
@@ -118,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init, llm_init=llm_init,
         lora=lora, mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta, norm_bound=s.norm_bound,
         rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
-        max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size,
+        max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
         fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
         min_train_nodes=max(1, int(n_orgs * s.fraction_train)))
     wait_for_organizations(grid, cfg)
@@ -127,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
         t0 = time.perf_counter()
-        scores = evaluator(strategy.llm)
+        scores = evaluator(strategy.llm, strategy.llm_weight_change())
         row = {"round": server_round, "eval": scores, "eval_s": time.perf_counter() - t0,
                "log": strategy.round_log.get(server_round, {})}
         rows.append(row)
@@ -137,6 +138,7 @@ def main(grid: Grid, context: Context) -> None:
             ckpt = out / "checkpoints" / f"round-{server_round}.pt"
             ckpt.parent.mkdir(exist_ok=True)
             torch.save({"llm": strategy.llm.state_dict(), "tiny": strategy.tiny.state_dict(),
+                        "llm_weight_change": strategy.llm_weight_change(),
                         "server_opt": strategy.server_opt.state_dict(), "round": server_round}, ckpt)
         log.info("round %d: %s", server_round, {k: v for k, v in scores.items() if k != "orgs"})
         return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, int | float)})
@@ -151,7 +153,9 @@ def main(grid: Grid, context: Context) -> None:
         "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {},
         "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0}}, indent=1,
         default=float))
-    adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged)
+    change = strategy.llm_weight_change()
+    adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged) if change is None \
+        else save_dense_peft(change, llm_name, lora, out / "llm_adapter", merged_copy=cfg.output.merged)
     ceiling = evaluator.ceiling
     table = results_table(rows, evaluator.base_scores, ceiling, wall, cfg)
     (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n")

@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--aggregators", default=",".join(AGGREGATORS))
     p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--spaces", default="weights,factors", help="LLM aggregation spaces (weights: retranslate only)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="any run-config key")
     p.add_argument("--no-scale", action="store_true", help="skip the 10 vs 100 organizations flwr runs")
     p.add_argument("--workers", type=int, default=2)
@@ -150,36 +151,38 @@ def main(argv=None) -> dict:
     ctx = mp.get_context("spawn")
     runs = {}
     with ctx.Pool(args.workers, initializer=_init, initargs=(os.environ.get("FEDGT_CACHE"),)) as pool:
-        for scheme in [s for s in args.schemes.split(",") if s]:
-            for aggregator in [a for a in args.aggregators.split(",") if a]:
-                for mode in MODES:
-                    name = f"{aggregator}/{mode}/{scheme}"
-                    s = GradTransformerStrategy(
-                        translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init,
-                        llm_init=llm_init, lora=lora, mode=mode, aggregator=aggregator,
-                        trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
-                        max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size)
-                    evaluator_run = _evaluator_copy(evaluator, llm_name, lora, orgs, public, cfg, translator)
-                    rows = []
-                    for rnd in range(1, rounds + 1):
-                        base, start = s.tiny.base_factors(), dict(s.tiny.current)
-                        key = _digest(base, start)
-                        todo = [i for i in range(n_orgs) if (i, rnd, key) not in cache]
-                        results = pool.map(_client, [(cfg, orgs[i], base, start, rnd) for i in todo])
-                        cache.update({(i, rnd, key): r for i, r in zip(todo, results, strict=True)})
-                        contributions = [(i, cache[(i, rnd, key)][0], cache[(i, rnd, key)][1]["num-examples"],
-                                          cache[(i, rnd, key)][1]) for i in range(n_orgs)]
-                        t0 = time.perf_counter()
-                        s.apply(rnd, contributions)
-                        server_s = time.perf_counter() - t0
-                        scores = evaluator_run(s.llm)
-                        rows.append({"round": rnd, "server_s": server_s,
-                                     **{k: v for k, v in scores.items() if k != "orgs"}})
-                    runs[name] = {"aggregator": aggregator, "mode": mode, "scheme": scheme, "rounds": rows}
-                    last = rows[-1]
-                    print(f"{name:<55} LGR EM/loss after round {rounds}: {last.get('lgr-em', float('nan')):.3f} / "
-                          f"{last.get('lgr', float('nan')):.3f}  server {sum(r['server_s'] for r in rows):.2f} s",
-                          flush=True)
+        combos = [(space, scheme, aggregator, mode) for space in args.spaces.split(",") if space
+                  for scheme in args.schemes.split(",") if scheme and (space == "factors" or scheme == "retranslate")
+                  for aggregator in args.aggregators.split(",") if aggregator for mode in MODES]
+        for space, scheme, aggregator, mode in combos:
+            name = f"{aggregator}/{mode}/{scheme}/{space}"
+            s = GradTransformerStrategy(
+                translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init,
+                llm_init=llm_init, lora=lora, mode=mode, aggregator=aggregator,
+                trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
+                max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=space)
+            evaluator_run = _evaluator_copy(evaluator, llm_name, lora, orgs, public, cfg, translator)
+            rows = []
+            for rnd in range(1, rounds + 1):
+                base, start = s.tiny.base_factors(), dict(s.tiny.current)
+                key = _digest(base, start)
+                todo = [i for i in range(n_orgs) if (i, rnd, key) not in cache]
+                results = pool.map(_client, [(cfg, orgs[i], base, start, rnd) for i in todo])
+                cache.update({(i, rnd, key): r for i, r in zip(todo, results, strict=True)})
+                contributions = [(i, cache[(i, rnd, key)][0], cache[(i, rnd, key)][1]["num-examples"],
+                                  cache[(i, rnd, key)][1]) for i in range(n_orgs)]
+                t0 = time.perf_counter()
+                s.apply(rnd, contributions)
+                server_s = time.perf_counter() - t0
+                scores = evaluator_run(s.llm, s.llm_weight_change())
+                rows.append({"round": rnd, "server_s": server_s,
+                             **{k: v for k, v in scores.items() if k != "orgs"}})
+            runs[name] = {"aggregator": aggregator, "mode": mode, "scheme": scheme, "space": space,
+                          "rounds": rows}
+            last = rows[-1]
+            print(f"{name:<55} LGR EM/loss after round {rounds}: {last.get('lgr-em', float('nan')):.3f} / "
+                  f"{last.get('lgr', float('nan')):.3f}  server {sum(r['server_s'] for r in rows):.2f} s",
+                  flush=True)
     round1 = [cache[(i, 1, _digest({}, dict(tiny_init)))] for i in range(n_orgs)]
     tiny_round1 = [m for _, m in round1]
     weights = torch.tensor([m["num-examples"] for m in tiny_round1])
@@ -344,12 +347,13 @@ def render(results: dict) -> str:
              f"{_pct(refs['llm_ft_per_org'].get('org-em'))} | 100% | 100% |", ""]
     rounds = c["rounds"]
     head = " | ".join(f"r{r} EM / loss" for r in range(1, rounds + 1))
-    lines += [f"| aggregator | order | rounds | LGR {head} | server s/round |",
-              "|---|---|---|" + "---|" * rounds + "---|"]
+    lines += [f"| aggregator | order | rounds | space | LGR {head} | server s/round |",
+              "|---|---|---|---|" + "---|" * rounds + "---|"]
     for run in results["runs"].values():
         cells = " | ".join(f"{_pct(r.get('lgr-em'))} / {_pct(r.get('lgr'))}" for r in run["rounds"])
         server = sum(r["server_s"] for r in run["rounds"]) / len(run["rounds"])
-        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['scheme']} | {cells} | {server:.3f} |")
+        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['scheme']} | {run.get('space', 'factors')} | "
+                     f"{cells} | {server:.3f} |")
     if "scale" in results:
         lines += ["", "## Scale (`flwr run`, 3 rounds, simulations/scale_100.toml)", "",
                   "| organizations | wall s | ServerApp peak RSS MB | final org EM |", "|---|---|---|---|"]
@@ -367,10 +371,11 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
-    for ax, scheme in zip(axes, SCHEMES, strict=True):
+    panels = [("weights", "retranslate"), *(("factors", s) for s in SCHEMES)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.6), sharey=True)
+    for ax, (space, scheme) in zip(axes, panels, strict=True):
         for run in results["runs"].values():
-            if run["scheme"] != scheme:
+            if run["scheme"] != scheme or run.get("space", "factors") != space:
                 continue
             ys = [r.get("lgr-em", float("nan")) for r in run["rounds"]]
             ax.plot(range(1, len(ys) + 1), ys, marker="o", ls="-" if run["mode"].startswith("transform") else "--",
@@ -378,7 +383,7 @@ def plot(results: dict, path: Path) -> None:
         ref = results["references"]["llm_fedavg_round1"].get("lgr-em")
         if ref is not None:
             ax.axhline(ref, color="gray", ls=":", label="FedAvg of LLM updates")
-        ax.set_title(f"rounds = {scheme}")
+        ax.set_title(f"{space} space, rounds = {scheme}")
         ax.set_xlabel("round")
     axes[0].set_ylabel("LGR (exact match)")
     axes[-1].legend(fontsize=7)

@@ -19,6 +19,10 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    their base weights and restarts LoRA at the seeded init each round (DESIGN.md §2), so each round's update is
    in distribution but the LLM receives a full-size update every round. ``naive`` adds each round's LLM update to
    one accumulating adapter.
+4. Spaces (``space``): ``weights`` (default in the app) aggregates each organization's LLM weight change
+   s * B_i @ A_i, exactly, into one dense change per adapted module (memory independent of the number of
+   organizations; saved as an exact LoRA by SVD); ``factors`` averages the LoRA factors as FedAvg does, whose
+   product is not the mean of the products (retranslate only for ``weights``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedgt.global_adapter import GlobalAdapter
+from fedgt.global_adapter import GlobalAdapter, dense_change, dense_shapes, dense_to_vector, vector_to_dense
 from fedgt.lora import LoraSettings
 from fedgt.updates import UpdateError, UpdateSpec, flatten, from_array_record, to_array_record, unflatten, update_norm
 from strategies.aggregators import make_aggregator
@@ -44,6 +48,7 @@ log = logging.getLogger("fedgt.strategy")
 Translate = Callable[[torch.Tensor], torch.Tensor]  # (B, Ls, Ds) TinyLM tokens -> (B, Lt, Dt) LLM tokens
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 ROUND_SCHEMES = ("retranslate", "merge", "naive")
+SPACES = ("factors", "weights")
 Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update tokens, weight, client metrics)
 
 
@@ -66,7 +71,7 @@ class GradTransformerStrategy(FedAvg):
                  mode: str = "transform-then-aggregate", aggregator: str = "mean", trim_beta: float = 0.1,
                  norm_bound: float = 1.0, rounds: str = "merge", server_opt: ServerOptimizer | None = None,
                  central_dp: CentralDP | None = None, max_update_norm: float = 100.0, gt_batch_size: int = 16,
-                 **fedavg_kwargs):
+                 space: str = "factors", **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if mode not in MODES:
             raise ValueError(f"strategy.mode must be one of {MODES}, got {mode!r}")
@@ -76,7 +81,15 @@ class GradTransformerStrategy(FedAvg):
         self.translate, self.tiny_spec, self.llm_spec = translate, tiny_spec, llm_spec
         if rounds not in ROUND_SCHEMES:
             raise ValueError(f"strategy.rounds must be one of {ROUND_SCHEMES}, got {rounds!r}")
-        self.rounds = rounds
+        if space not in SPACES:
+            raise ValueError(f"strategy.space must be one of {SPACES}, got {space!r}")
+        if space == "weights" and rounds != "retranslate":
+            raise ValueError("strategy.space='weights' needs strategy.rounds='retranslate' (the LLM is re-derived "
+                             "from the organizations' adapters each round)")
+        self.rounds, self.space = rounds, space
+        # weights space: the LLM's change from its base, one dense matrix per LoRA module (flattened)
+        self.llm_dense = torch.zeros(sum(o * i for o, i in dense_shapes(llm_spec).values())) \
+            if space == "weights" else None
         self.tiny = GlobalAdapter(tiny_spec, tiny_init, lora, "merge" if rounds == "merge" else "naive")
         self.llm = GlobalAdapter(llm_spec, llm_init, lora, "merge" if rounds == "merge" else "naive")
         self.mode, self.aggregator, self.trim_beta, self.norm_bound = mode, aggregator, trim_beta, norm_bound
@@ -163,17 +176,33 @@ class GradTransformerStrategy(FedAvg):
         offset = self._offset(self.tiny) if self.rounds == "retranslate" else None
         tiny_delta, llm_target, dp_metrics = self._combine(accepted, offset)
         entry["gt_s"] = time.perf_counter() - t_gt
-        llm_delta = llm_target - self._offset(self.llm).reshape(-1) if offset is not None else llm_target
-        llm_step = self.server_opt.step(llm_delta)
+        if self.llm_dense is not None:  # weights space: the target is a dense change; step towards it
+            llm_step = self.server_opt.step(llm_target - self.llm_dense)
+            self.llm_dense = self.llm_dense + llm_step
+        else:
+            llm_delta = llm_target - self._offset(self.llm).reshape(-1) if offset is not None else llm_target
+            llm_step = self.server_opt.step(llm_delta)
+            self.llm.add(unflatten(llm_step.view(self.llm_spec.num_layers, -1), self.llm_spec))
         self.tiny.add(unflatten(tiny_delta.view(self.tiny_spec.num_layers, -1), self.tiny_spec))
-        self.llm.add(unflatten(llm_step.view(self.llm_spec.num_layers, -1), self.llm_spec))
         self.tiny.end_round()
         self.llm.end_round()
         entry.update(dp_metrics)
-        entry["llm_update_norm"] = float(llm_step.norm())
+        entry["llm_step_norm"] = float(llm_step.norm())
         entry["server_s"] = time.perf_counter() - t0
         entry["metrics"] = self._round_metrics(entry, accepted)
         return self.current_arrays(), MetricRecord(entry["metrics"])
+
+    def _llm_vector(self, tokens: torch.Tensor) -> torch.Tensor:
+        """An LLM update (layer tokens) as the vector the aggregator combines: its factors, or its dense change."""
+        if self.llm_dense is None:
+            return tokens.reshape(-1)
+        delta = unflatten(tokens, self.llm_spec)
+        absolute = {k: self.llm.init[k] + delta[k] for k in self.llm_spec.keys}
+        return dense_to_vector(dense_change(absolute, self.llm_spec, self.llm.lora.scaling), self.llm_spec)
+
+    def llm_weight_change(self) -> dict[str, torch.Tensor] | None:
+        """Weights space: the LLM's dense change per LoRA module (None in factors space)."""
+        return vector_to_dense(self.llm_dense, self.llm_spec) if self.llm_dense is not None else None
 
     @staticmethod
     def _offset(adapter: GlobalAdapter) -> torch.Tensor:
@@ -199,15 +228,15 @@ class GradTransformerStrategy(FedAvg):
         else:
             tiny_agg = self._aggregate(((t.reshape(-1), w) for _, t, w, _ in accepted), n)
         if self.mode == "aggregate-then-transform":
-            llm_agg = self.translate(shift(tiny_agg.view(self.tiny_spec.num_layers, -1)).unsqueeze(0))[0].reshape(-1)
-            return tiny_agg, llm_agg, dp_metrics
+            llm_agg = self.translate(shift(tiny_agg.view(self.tiny_spec.num_layers, -1)).unsqueeze(0))[0]
+            return tiny_agg, self._llm_vector(llm_agg), dp_metrics
 
         def llm_updates():  # the GT in batches of gt_batch_size: at most one batch of LLM updates in memory
             for start in range(0, n, self.gt_batch_size):
                 chunk = accepted[start:start + self.gt_batch_size]
                 out = self.translate(torch.stack([shift(t) for _, t, _, _ in chunk]))
                 for (_, _, w, _), row in zip(chunk, out, strict=True):
-                    yield row.reshape(-1), w
+                    yield self._llm_vector(row), w
 
         return tiny_agg, self._aggregate(llm_updates(), n), dp_metrics
 

@@ -57,3 +57,29 @@ def test_state_round_trips() -> None:
     b = GlobalAdapter(spec, init, LoraSettings(), "merge")
     b.load_state_dict(a.state_dict())
     assert len(b.merged) == 1 and torch.equal(b.merged[0][spec.keys[0]], torch.full((2, 3), 3.0))
+
+
+def test_dense_changes_save_as_an_exact_peft_adapter(toy_pair, tmp_path) -> None:
+    from fedgt.global_adapter import dense_as_lora, dense_change, save_dense_peft
+
+    lora = LoraSettings()
+    llm = str(toy_pair[1])
+    model = attach_lora(load_model(llm)[0], lora)
+    spec, init = spec_of(model), lora_parameters(model)
+    pieces = [{k: init[k] + v for k, v in _random_update(spec, s).items()} for s in (1, 2)]
+    change = {m: 0.3 * a + 0.7 * b for (m, a), b in zip(dense_change(pieces[0], spec, lora.scaling).items(),
+                                                          dense_change(pieces[1], spec, lora.scaling).values(),
+                                                          strict=True)}
+    factors, rank = dense_as_lora(change)
+    assert rank <= 2 * lora.r  # a mean of two rank-2 changes
+    for m, w in change.items():
+        torch.testing.assert_close(factors[m + ".lora_B.weight"] @ factors[m + ".lora_A.weight"], w, atol=1e-5,
+                                   rtol=0)
+    out = save_dense_peft(change, llm, lora, tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    reference = load_model(llm)[0]
+    with torch.no_grad():
+        for m, w in change.items():
+            reference.get_submodule(m).weight += w
+    loaded = PeftModel.from_pretrained(load_model(llm)[0], str(out))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -169,3 +169,20 @@ def test_retranslate_feeds_the_gt_the_adapter_relative_to_the_init() -> None:
     s.aggregate_train(2, [good(1, update(2), 10)])
     expected = flatten({k: update(1)[k] + update(2)[k] for k in KEYS}, SPEC)
     torch.testing.assert_close(seen[1][0], expected, atol=1e-6, rtol=0)
+
+
+def test_weights_space_aggregates_the_exact_mean_weight_change() -> None:
+    from fedgt.global_adapter import dense_change, dense_to_vector
+
+    lora = LoraSettings()
+    ups, sizes = [update(s) for s in range(3)], [10, 30, 60]
+    s = strategy(space="weights", rounds="retranslate")
+    s.aggregate_train(1, [good(i + 1, u, n) for i, (u, n) in enumerate(zip(ups, sizes, strict=True))])
+    expected = sum(n / 100 * dense_to_vector(dense_change({k: INIT[k] + u[k] for k in KEYS}, SPEC, lora.scaling), SPEC)
+                   for u, n in zip(ups, sizes, strict=True))
+    torch.testing.assert_close(s.llm_dense, expected, atol=1e-5, rtol=0)
+    factor_mean = dense_to_vector(dense_change({k: INIT[k] + sum(n / 100 * u[k] for u, n in zip(ups, sizes,
+                                                strict=True)) for k in KEYS}, SPEC, lora.scaling), SPEC)
+    assert not torch.allclose(expected, factor_mean, atol=1e-4)  # the two spaces really differ
+    with pytest.raises(ValueError, match="retranslate"):
+        strategy(space="weights", rounds="merge")
