@@ -95,3 +95,11 @@ def test_curate_then_train_gt_from_the_command_line(toy_pair, tmp_path, capsys) 
     assert (gt / "model.safetensors").read_bytes() == before
     assert main(["train-gt", "--pairs", str(tmp_path / "none"), "--out", str(gt)]) == 2
     assert "fedgt curate" in capsys.readouterr().err
+
+
+def test_federate_refuses_a_bad_run_config_before_starting_anything(tmp_path, capsys) -> None:
+    assert main(["federate", "--set", "strategy.aggregator=krum", "--out", str(tmp_path / "run"),
+                 "--flwr-home", str(tmp_path / "home")]) == 2
+    assert "strategy.aggregator" in capsys.readouterr().err
+    assert main(["federate", "--scenario", str(tmp_path / "missing.toml")]) == 2
+    assert not (tmp_path / "home").exists()
