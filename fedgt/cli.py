@@ -255,8 +255,20 @@ def cmd_train_gt(args: argparse.Namespace) -> None:
     missing = [n for n in pairs.names if n not in domains]
     if missing:
         raise ValueError(f"curated domains {missing[:3]} are not in the shadow data given here (same --shadow-data?)")
-    record = train_gt(pairs, gcfg, tcfg, judge, {n: list(domains[n].train) for n in pairs.names},
-                      {n: list(domains[n].test) for n in pairs.names}, args.out)
+    test_examples = {n: list(domains[n].test) for n in pairs.names}
+    same_val = None
+    if args.same_val_domains and judge is not None:
+        from fedgt.finetune import FinetuneConfig
+        from fedgt.privacy import DPConfig
+        from fedgt.same_val import same_domain_val
+        from fedgt.train_gt import split_domains
+
+        train_names, _ = split_domains(pairs.names, tcfg.val_fraction, tcfg.seed)
+        ft = FinetuneConfig(**{**cfg["finetune"], "snapshot_steps": ()})
+        same_val = same_domain_val(cfg["tiny_model"], lora, ft, test_examples, train_names, args.same_val_domains,
+                                   args.seed, DPConfig(**cfg.get("tiny_dp") or {}))
+    record = train_gt(pairs, gcfg, tcfg, judge, {n: list(domains[n].train) for n in pairs.names}, test_examples,
+                      args.out, same_val=same_val)
     # What the federation's server needs to use this GT (`gt.checkpoint`): the models and settings it maps between.
     (args.out / "provider.json").write_text(json.dumps({
         "tiny": cfg["tiny_model"], "llm": cfg["llm_model"], "lora": cfg["lora"], "finetune": cfg["finetune"],
@@ -327,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-lr", type=float, default=1e-3)
     p.add_argument("--gt-batch-size", type=int, default=32)
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--same-val-domains", type=int, default=16,
+                   help="training domains re-tuned on other public examples to validate on (0: held-out domains only)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument("--shadow-data", type=Path, help="the same --shadow-data given to `fedgt curate`")
     p.add_argument("--no-builtin-shadow", action="store_true")

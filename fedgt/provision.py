@@ -33,6 +33,7 @@ class ProviderConfig:
     n_examples: int = 128
     probes: int = 32
     epochs: int = 12
+    same_val_domains: int = 16  # training domains re-tuned on other examples to validate the GT (fedgt.same_val)
     d_model: int = 256
     seed: int = 0
     workers: int = 2
@@ -63,8 +64,9 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
     from fedgt.judge import LLMJudge
     from fedgt.probes import probe_features, probe_prompts
     from fedgt.provider import shadow_domains
+    from fedgt.same_val import same_domain_val
     from fedgt.shadow import CurationConfig, curate, load_pairs
-    from fedgt.train_gt import TrainConfig, gt_config_for, train_gt
+    from fedgt.train_gt import TrainConfig, gt_config_for, split_domains, train_gt
 
     root = cache_dir() / "provider" / cfg.key()
     gt_dir = root / "gt"
@@ -82,15 +84,25 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
     device = best_device()
     judge = LLMJudge(llm, cfg.lora, device=device)
     prompts = probe_prompts(shadow, cfg.probes, cfg.seed) if cfg.probes else []
+    tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed)
+    test_examples = {d.name: list(d.test) for d in shadow}
+    same_val = None
+    if cfg.same_val_domains:
+        train_names, _ = split_domains(pairs.names, tcfg.val_fraction, tcfg.seed)
+        log(f"provider: {min(cfg.same_val_domains, len(train_names))} same-domain validation runs", flush=True)
+        same_val = same_domain_val(tiny, cfg.lora, cfg.finetune, test_examples, train_names, cfg.same_val_domains,
+                                   cfg.seed, cfg.tiny_dp)
     if prompts:
-        pairs.probes = probe_features(LLMJudge(tiny, cfg.lora, device=device), pairs.tiny, prompts)
+        tiny_judge = LLMJudge(tiny, cfg.lora, device=device)
+        pairs.probes = probe_features(tiny_judge, pairs.tiny, prompts)
+        if same_val is not None:
+            same_val.probes = probe_features(tiny_judge, same_val.tiny, prompts)
     probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
     gcfg = gt_config_for(pairs, decoder="parallel", d_model=cfg.d_model, ffn=2 * cfg.d_model, **probe)
-    tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed)
     log(f"provider: training the Grad-Transformer on {len(pairs.tiny)} pairs ({cfg.epochs} epochs, {device})",
         flush=True)
-    train_gt(pairs, gcfg, tcfg, judge, {d.name: list(d.train) for d in shadow},
-             {d.name: list(d.test) for d in shadow}, gt_dir, progress=progress)
+    train_gt(pairs, gcfg, tcfg, judge, {d.name: list(d.train) for d in shadow}, test_examples, gt_dir,
+             progress=progress, same_val=same_val)
     meta = {"tiny": tiny, "llm": llm, "lora": asdict(cfg.lora), "finetune": asdict(cfg.finetune),
             "tiny_dp": asdict(cfg.tiny_dp), "probe_prompts": prompts, "shadow_domains": pairs.names,
             "provider": {k: v for k, v in asdict(cfg).items() if k not in ("lora", "finetune", "tiny_dp")}}

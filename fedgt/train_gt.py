@@ -6,9 +6,11 @@ Objectives:
   shadow domain's own examples is back-propagated into the GT (``fedgt.judge``), so the GT learns what
   the update must *do*, not the seed and batch-order noise of one fine-tuning run;
 - ``mix``: both (``mse_weight`` times the MSE).
-Validation uses held-out shadow *domains* and the decoding used at inference; the best checkpoint by the
-chosen criterion is kept, training stops early after ``patience`` epochs without improvement, and a killed
-run resumes from ``train_state.pt``.
+Validation uses the decoding used at inference on held-out shadow *domains* (skills the GT never saw) and,
+when given, fresh fine-tuning runs on its training domains (``fedgt.same_val``: the paper's same-distribution
+setting); the functional criterion is the mean of the two. The best checkpoint by the chosen criterion is
+kept, training stops early after ``patience`` epochs without improvement, and a killed run resumes from
+``train_state.pt``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedgt.batching import Encoded
 from fedgt.examples import Example
 from fedgt.grad_transformer import GTConfig, build_gt, num_parameters, predict, save_gt
 from fedgt.judge import LLMJudge
+from fedgt.same_val import SameDomainVal
 from fedgt.shadow import ShadowPairs
 
 OBJECTIVES = ("mse", "functional", "mix")
@@ -114,7 +117,7 @@ def functional_val_loss(judge: LLMJudge, llm_tokens: torch.Tensor, val: Sequence
 
 def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJudge | None,
              train_examples: Mapping[str, Sequence[Example]] | None, val_examples: Mapping[str, Sequence[Example]],
-             out: Path, progress: bool = True, log=print) -> dict:
+             out: Path, progress: bool = True, log=print, same_val: SameDomainVal | None = None) -> dict:
     """Train, validate, keep the best checkpoint in ``out``; returns the training record."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,9 +137,19 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
                                                 pct_start=0.1)
     shadow = DomainExamples(judge, train_examples, train.names) if cfg.objective != "mse" else None
     val_sets = [list(val_examples[n])[:cfg.val_examples] for n in val.names]
+    if same_val is not None:
+        if judge is None:
+            raise ValueError("same-domain validation scores through the LLM: it needs a judge")
+        if gt_cfg.probe_tokens and same_val.probes is None:
+            raise ValueError("this GT reads probe features: fill same_val.probes first (fedgt.probes)")
+        outside = sorted(set(same_val.names) - set(train.names))
+        if outside:
+            raise ValueError(f"same-domain validation must use the GT's training domains; {outside[:3]} are not")
+        same_sets = [ex[:cfg.val_examples] for ex in same_val.examples]
     state_path = out / "train_state.pt"
     record = {"config": asdict(cfg), "gt": asdict(gt_cfg), "train_domains": len(train.names),
-              "val_domains": len(val.names), "train_pairs": len(train.tiny), "history": [], "best_epoch": -1,
+              "val_domains": len(val.names), "same_val_domains": len(same_val.names) if same_val else 0,
+              "train_pairs": len(train.tiny), "history": [], "best_epoch": -1,
               "best_val": float("inf"), "seconds": 0.0, "parameters": num_parameters(model), "device": str(device)}
     start_epoch, bad_epochs = 0, 0
     if state_path.is_file():
@@ -182,10 +195,17 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
         pred = predict(model, val.tiny, val.probes)
         val_mse = float(F.mse_loss(model.tgt_norm(pred.to(device)), model.tgt_norm(val.llm.to(device))))
         val_func = functional_val_loss(judge, pred, val_sets) if judge is not None else float("nan")
-        current = val_func if cfg.select_on == "functional" else val_mse
+        val_same = float("nan")
+        if same_val is not None:
+            same_pred = predict(model, same_val.tiny, same_val.probes if gt_cfg.probe_tokens else None)
+            val_same = functional_val_loss(judge, same_pred, same_sets)
+        if cfg.select_on == "functional":
+            current = val_func if same_val is None else (val_func + val_same) / 2
+        else:
+            current = val_mse
         entry = {"epoch": epoch, "train_mse": totals["mse"] / steps_per_epoch,
                  "train_functional": totals["functional"] / steps_per_epoch, "val_mse": val_mse,
-                 "val_functional": val_func, "seconds": time.time() - t0}
+                 "val_functional": val_func, "val_same_functional": val_same, "seconds": time.time() - t0}
         record["history"].append(entry)
         record["seconds"] += entry["seconds"]
         if current < record["best_val"]:
@@ -195,7 +215,7 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
             bad_epochs += 1
         if progress:
             log(f"epoch {epoch:3d}  train mse {entry['train_mse']:.4f} func {entry['train_functional']:.4f}  "
-                f"val mse {val_mse:.4f} func {val_func:.4f}  ({entry['seconds']:.1f}s)"
+                f"val mse {val_mse:.4f} func {val_func:.4f} same {val_same:.4f}  ({entry['seconds']:.1f}s)"
                 + ("  *" if record["best_epoch"] == epoch else ""))
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "record": record, "epoch": epoch, "bad_epochs": bad_epochs}, state_path)

@@ -38,6 +38,7 @@ from fedgt.privacy import DPConfig
 from fedgt.private_eval import OrgConfig, config_json, run_orgs
 from fedgt.probes import probe_features, probe_prompts
 from fedgt.provider import shadow_domains
+from fedgt.same_val import SameDomainVal, same_domain_val
 from fedgt.shadow import CurationConfig, curate, load_pairs
 from fedgt.splits import make_domain_splits
 from fedgt.train_gt import TrainConfig, functional_val_loss, gt_config_for, split_domains, train_gt
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (organizations and curation)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (both models)")
     p.add_argument("--gt-epochs", type=int, default=None)
+    p.add_argument("--same-val-domains", type=int, default=16,
+                   help="training domains re-tuned on other public examples to validate the GT (0: none)")
     p.add_argument("--probes", type=int, default=32, help="probe prompts the GT reads the update through (0: none)")
     p.add_argument("--variants", default="gt,gt_autoregressive,gt_weights_only,paper_gt",
                    help="GT variants to train and score (gt is always trained)")
@@ -164,17 +167,26 @@ def main(argv=None) -> dict:
     }
     gts, gt_records = {}, {}
 
-    def train_variant(name: str, gcfg, tcfg, on_pairs, on_dir) -> None:
-        gt_dir = cache_dir() / "gt" / f"{name}-{_hash([gcfg, tcfg, str(on_dir), on_pairs.names, prompts])}"
+    def same_val_for(dp: DPConfig) -> SameDomainVal | None:
+        if not args.same_val_domains:
+            return None
+        sv = same_domain_val(tiny_path, lora, ft, val_examples, train_names, args.same_val_domains, args.seed, dp)
+        sv.probes = probe_features(tiny_judge, sv.tiny, prompts) if prompts else None
+        return sv
+
+    def train_variant(name: str, gcfg, tcfg, on_pairs, on_dir, same_val: SameDomainVal | None) -> None:
+        key = [gcfg, tcfg, str(on_dir), on_pairs.names, prompts, same_val.names if same_val else []]
+        gt_dir = cache_dir() / "gt" / f"{name}-{_hash(key)}"
         if not (gt_dir / "history.json").is_file():
             print(f"training {name} -> {gt_dir}", flush=True)
-            train_gt(on_pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir)
+            train_gt(on_pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir, same_val=same_val)
         gt_records[name] = json.loads((gt_dir / "history.json").read_text())
         gts[name], _ = load_gt(gt_dir, device)
 
+    same_val = same_val_for(DPConfig())
     for name, (gcfg, tcfg) in variants.items():
         if name in args.variants:
-            train_variant(name, gcfg, tcfg, pairs, cur_dir)
+            train_variant(name, gcfg, tcfg, pairs, cur_dir, same_val)
 
     # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
     val_sets = [val_examples[n][:32] for n in sorted(val_names)]
@@ -202,7 +214,8 @@ def main(argv=None) -> dict:
         dp_pairs = load_pairs(dp_dir).select_domains(pairs.names)
         dp_pairs.probes = probe_features(tiny_judge, dp_pairs.tiny, prompts) if prompts else None
         tag = f"_dpsgd_eps{eps:g}"
-        train_variant("gt" + tag, variants["gt"][0], train_cfg, dp_pairs, dp_dir)
+        train_variant("gt" + tag, variants["gt"][0], train_cfg, dp_pairs, dp_dir,
+                      same_val_for(DPConfig(mode="dp-sgd", epsilon=eps)))
         maps.update({k: v for k, v in fit_maps(dp_pairs, tag).items() if not k.startswith("mean_update")})
         dp_inputs.update({m + tag: "tiny" + tag for m in ("gt", "knn", "ridge")})
         dp_inputs["gt_nondp" + tag] = "tiny" + tag  # the non-DP GT fed DP updates: does DP curation matter?
@@ -302,6 +315,7 @@ def main(argv=None) -> dict:
         "curation": {"dir": str(cur_dir), "domains": len(pairs.names), "pairs": len(pairs.tiny),
                      "train_domains": len(train_names), "val_domains": len(val_names)},
         "gt": {k: {kk: v[kk] for kk in ("gt", "config", "best_epoch", "best_val", "seconds", "parameters", "device")}
+               | {"same_val_domains": v.get("same_val_domains", 0)}
                for k, v in gt_records.items()},
         "baselines": baseline_choices,
         "timings": timings,

@@ -73,6 +73,42 @@ def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> 
 
 
 @pytest.mark.slow
+def test_federation_on_an_existing_ray_cluster(toy_pair, tmp_path) -> None:
+    """`fedgt federate --ray-address`: the organizations run as actors of a Ray head started beforehand."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    head = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={ray_tmp}",
+            "--disable-usage-stats", "--include-dashboard=false"]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        done = subprocess.run([str(bin_dir / "fedgt"), "federate", "--scenario", "simulations/toy.toml",
+                               "--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "run"),
+                               "--flwr-home", str(tmp_path / "home")], cwd=Path(__file__).resolve().parents[1],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        logs = (Path(ray_tmp) / "session_latest" / "logs").glob("worker-*")
+        assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs)  # ran on this cluster
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+
+
+@pytest.mark.slow
 def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
     import json
     import sys
