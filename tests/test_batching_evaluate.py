@@ -60,7 +60,7 @@ def _overfit_toy(examples, steps: int = 300):
 
 def test_greedy_and_teacher_forced_exact_match_agree() -> None:
     train = [task_example(f"n{i}", str(i * 7 % 10)) for i in range(12)]
-    model = _overfit_toy(train)
+    model = _overfit_toy(train, steps=600)  # 300 left the loss at 0.52 on one CPU: memorise for sure
     probe = train + [task_example(f"n{i}", "9") for i in range(12)]  # some right, some wrong
     greedy = exact_match_greedy(model, TOK, probe, max_new_tokens=4)
     assert 0.3 < greedy < 0.7
