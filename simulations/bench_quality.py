@@ -38,7 +38,7 @@ from fedgt.privacy import DPConfig
 from fedgt.private_eval import OrgConfig, config_json, run_orgs
 from fedgt.probes import probe_features, probe_prompts
 from fedgt.provider import shadow_domains
-from fedgt.same_val import SameDomainVal, same_domain_val
+from fedgt.same_val import SameDomainVal, pick_domains, same_domain_val
 from fedgt.shadow import CurationConfig, curate, load_pairs
 from fedgt.splits import make_domain_splits
 from fedgt.train_gt import TrainConfig, functional_val_loss, gt_config_for, split_domains, train_gt
@@ -167,26 +167,31 @@ def main(argv=None) -> dict:
     }
     gts, gt_records = {}, {}
 
-    def same_val_for(dp: DPConfig) -> SameDomainVal | None:
-        if not args.same_val_domains:
-            return None
-        sv = same_domain_val(tiny_path, lora, ft, val_examples, train_names, args.same_val_domains, args.seed, dp)
-        sv.probes = probe_features(tiny_judge, sv.tiny, prompts) if prompts else None
-        return sv
+    same_names = pick_domains(train_names, args.same_val_domains, args.seed) if args.same_val_domains else []
+    same_vals: dict[str, SameDomainVal] = {}
 
-    def train_variant(name: str, gcfg, tcfg, on_pairs, on_dir, same_val: SameDomainVal | None) -> None:
-        key = [gcfg, tcfg, str(on_dir), on_pairs.names, prompts, same_val.names if same_val else []]
-        gt_dir = cache_dir() / "gt" / f"{name}-{_hash(key)}"
+    def same_val_for(dp: DPConfig) -> SameDomainVal | None:
+        """Built only when a GT is actually trained (cached GTs need no fresh TinyLM runs), once per DP setting."""
+        if not same_names:
+            return None
+        key = json.dumps(asdict(dp), sort_keys=True)
+        if key not in same_vals:
+            sv = same_domain_val(tiny_path, lora, ft, val_examples, train_names, len(same_names), args.seed, dp)
+            sv.probes = probe_features(tiny_judge, sv.tiny, prompts) if prompts else None
+            same_vals[key] = sv
+        return same_vals[key]
+
+    def train_variant(name: str, gcfg, tcfg, on_pairs, on_dir, dp: DPConfig = DPConfig()) -> None:
+        gt_dir = cache_dir() / "gt" / f"{name}-{_hash([gcfg, tcfg, str(on_dir), on_pairs.names, prompts, same_names])}"
         if not (gt_dir / "history.json").is_file():
             print(f"training {name} -> {gt_dir}", flush=True)
-            train_gt(on_pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir, same_val=same_val)
+            train_gt(on_pairs, gcfg, tcfg, judge, train_examples, val_examples, gt_dir, same_val=same_val_for(dp))
         gt_records[name] = json.loads((gt_dir / "history.json").read_text())
         gts[name], _ = load_gt(gt_dir, device)
 
-    same_val = same_val_for(DPConfig())
     for name, (gcfg, tcfg) in variants.items():
         if name in args.variants:
-            train_variant(name, gcfg, tcfg, pairs, cur_dir, same_val)
+            train_variant(name, gcfg, tcfg, pairs, cur_dir)
 
     # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
     val_sets = [val_examples[n][:32] for n in sorted(val_names)]
@@ -214,8 +219,7 @@ def main(argv=None) -> dict:
         dp_pairs = load_pairs(dp_dir).select_domains(pairs.names)
         dp_pairs.probes = probe_features(tiny_judge, dp_pairs.tiny, prompts) if prompts else None
         tag = f"_dpsgd_eps{eps:g}"
-        train_variant("gt" + tag, variants["gt"][0], train_cfg, dp_pairs, dp_dir,
-                      same_val_for(DPConfig(mode="dp-sgd", epsilon=eps)))
+        train_variant("gt" + tag, variants["gt"][0], train_cfg, dp_pairs, dp_dir, DPConfig(mode="dp-sgd", epsilon=eps))
         maps.update({k: v for k, v in fit_maps(dp_pairs, tag).items() if not k.startswith("mean_update")})
         dp_inputs.update({m + tag: "tiny" + tag for m in ("gt", "knn", "ridge")})
         dp_inputs["gt_nondp" + tag] = "tiny" + tag  # the non-DP GT fed DP updates: does DP curation matter?
