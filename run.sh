@@ -18,7 +18,7 @@ job="${1:-}"
 [ $# -gt 0 ] && shift
 case "$job" in
   demo) exec .venv/bin/fedgt demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q -m "not slow" "$@" ;;
+  test) .venv/bin/lint-imports && exec .venv/bin/python -m pytest -q -m "not slow" "$@" ;;
   slow) exec .venv/bin/python -m pytest -q -m slow "$@" ;;
   *) echo "usage: bash run.sh {demo|test|slow} [args]" >&2; exit 2 ;;
 esac

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # A real Flower deployment on one machine, the way partner sites run it minus the network:
-# a SuperLink with TLS and SuperNode authentication, N SuperNodes that each read only their own data folder
-# (--node-config data-path=...), then `flwr run` of this app against that SuperLink.
+# a SuperLink with TLS and SuperNode authentication, N SuperNodes that each read only their own data folder and
+# their own privacy policy (--node-config 'data-path=... policy=...'), then `flwr run` of this app against it.
 #
 #   bash deploy/loopback.sh                          # default pair, 2 sites, simulations/deployment.toml
-#   SCENARIO=simulations/toy.toml bash deploy/loopback.sh runs/deploy-toy   # toy pair (seconds; what the slow test runs)
+#   SCENARIO="simulations/toy.toml simulations/deployment.toml" bash deploy/loopback.sh runs/deploy-toy
+#                                                    # toy pair (seconds; what the slow test runs)
+# SCENARIO: one or more run-config files, later ones overriding earlier ones. SITE_POLICY: the policy file every
+# site uses (default: written below, DP-SGD with ε <= 8 per round, budget 24, nothing released beyond the update,
+# num-examples and the ε spent; docs/privacy.md). Each site's ledger lives beside its data.
 #
 # Needs: openssl, ssh-keygen, and the prepared models + Grad-Transformer (`fedgt provide`, cached) — the server
 # loads them; each site loads only the TinyLM.
@@ -12,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 work=$(mkdir -p "${1:-runs/deploy}" && cd "${1:-runs/deploy}" && pwd)
-scenario=${SCENARIO:-simulations/deployment.toml}
+scenarios=${SCENARIO:-simulations/deployment.toml}
 n=${SITES:-2}
 port=${PORT:-18443}
 bin=$root/.venv/bin
@@ -31,8 +35,24 @@ printf "subjectAltName=DNS:localhost,IP:127.0.0.1\n" > "$c/san.ext"
 openssl x509 -req -in "$c/server.csr" -CA "$c/ca.crt" -CAkey "$c/ca.key" -CAcreateserial -days 2 \
   -extfile "$c/san.ext" -out "$c/server.pem" 2>/dev/null
 
-# 2. Each site's data (here: the simulated organizations, written as JSONL folders) and its SuperNode key.
+# 2. The scenario files merged into one run config, each site's data (here: the simulated organizations, written as
+#    JSONL folders), its privacy policy and its SuperNode key.
+scenario=$work/scenario.toml
+# shellcheck disable=SC2086
+"$bin/python" - "$scenario" $scenarios <<'PY'
+import sys, tomllib
+from fedgt.core.run_config import _flatten
+from fedgt.run.flwr_runner import _toml_value
+merged = {}
+for path in sys.argv[2:]:
+    merged.update(_flatten(tomllib.loads(open(path).read())))
+open(sys.argv[1], "w").write("".join(f"{k} = {_toml_value(v)}\n" for k, v in merged.items()))
+PY
 "$bin/fedgt" export-orgs --scenario "$scenario" --orgs "$n" --out "$work/sites"
+policy=${SITE_POLICY:-$work/site-policy.toml}
+if [ -z "${SITE_POLICY:-}" ]; then
+  printf '[policy]\ndp-mode = "dp-sgd"\nmax-epsilon = 8.0\nmax-delta = 1e-5\nbudget = 24.0\nrelease = []\n' > "$policy"
+fi
 for i in $(seq 0 $((n - 1))); do
   rm -f "$work/keys/site$i" "$work/keys/site$i.pub"
   ssh-keygen -q -t ecdsa -b 384 -N "" -f "$work/keys/site$i"
@@ -55,20 +75,21 @@ for _ in $(seq 1 60); do
   sleep 0.5
 done
 
-# 4. Register every site's public key, then start its SuperNode with its own data path.
+# 4. Register every site's public key, then start its SuperNode with its own data path and policy. (Here every
+#    site finds the provider's TinyLM in the shared model cache; a partner site adds tiny-model="/its/copy".)
 for i in $(seq 0 $((n - 1))); do
   "$bin/flwr" supernode register "$work/keys/site$i.pub" tls
   setsid "$bin/flower-supernode" --root-certificates "$c/ca.crt" --superlink "127.0.0.1:$port" \
     --auth-supernode-private-key "$work/keys/site$i" --port $((port + 10 + i)) \
-    --node-config "data-path=\"$work/sites/org-$i\"" > "$work/supernode$i.log" 2>&1 &
+    --node-config "data-path=\"$work/sites/org-$i\" policy=\"$policy\"" > "$work/supernode$i.log" 2>&1 &
   pids+=($!)
 done
 
 # 5. Run the app: the server waits for the N sites, runs the rounds, writes output.dir.
 overrides=$("$bin/python" - "$scenario" "$n" "$work/run" <<'PY'
 import sys, tomllib
-from fedgt.fed_config import _flatten
-from fedgt.flwr_runner import run_config_arg
+from fedgt.core.run_config import _flatten
+from fedgt.run.flwr_runner import run_config_arg
 cfg = _flatten(tomllib.loads(open(sys.argv[1]).read()))
 cfg.update({"federation.num-organizations": int(sys.argv[2]), "output.dir": sys.argv[3],
             "eval.org-tests": False, "eval.ceiling": False})

@@ -1,6 +1,6 @@
 """Opacus DP-SGD step-time overhead vs plain LoRA fine-tuning, for each model of the pair.
 
-    python simulations/bench_dp_overhead.py
+    python -m simulations.bench_dp_overhead
 Writes docs/results/dp_overhead.json and a table in docs/dp_overhead.md.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from fedgt.data import task_domain_data
-from fedgt.finetune import FinetuneConfig, finetune
-from fedgt.lora import LoraSettings, attach_lora
-from fedgt.models import PAIRS, load_model
-from fedgt.pretrain import prepare_preset
-from fedgt.privacy import DPConfig
-from fedgt.splits import make_domain_splits
-from fedgt.world import make_world
+from fedgt.core.data import task_domain_data
+from fedgt.core.dp import DPConfig
+from fedgt.core.finetune import FinetuneConfig, finetune
+from fedgt.core.lora import LoraSettings, attach_lora
+from fedgt.core.models import PAIRS, load_model
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.world import make_world
+from fedgt.provider.pretrain import prepare_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
@@ -61,7 +61,7 @@ def main() -> None:
         rows[name] = {mode: time_mode(model, tok, examples, cfg, dp, args.repeats) for mode, dp in MODES.items()}
         print(name, {k: f"{v * 1e3:.1f} ms" for k, v in rows[name].items()}, flush=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
-    command = f"python simulations/bench_dp_overhead.py --steps {args.steps} --batch-size {args.batch_size} " \
+    command = f"python -m simulations.bench_dp_overhead --steps {args.steps} --batch-size {args.batch_size} " \
               f"--repeats {args.repeats}"
     result = {"command": command, "machine": machine, "domain": domain.name, "ms_per_step": {
         m: {k: v * 1e3 for k, v in r.items()} for m, r in rows.items()}}

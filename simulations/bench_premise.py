@@ -6,8 +6,8 @@ domain's private train split and measure loss and exact match on its test split,
 Also records the pretraining cost and parameter counts of both models, and how many facts each
 model recalls (lookup domains), i.e. what the LLM's larger pretraining budget bought.
 
-    python simulations/bench_premise.py                 # default pair, 16 domains per setting (~5 min)
-    python simulations/bench_premise.py --per-group 2   # quick look
+    python -m simulations.bench_premise                 # default pair, 16 domains per setting (~5 min)
+    python -m simulations.bench_premise --per-group 2   # quick look
 Writes docs/results/premise.json and docs/premise.md.
 """
 
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from fedgt.data import task_domain_data
-from fedgt.evaluate import evaluate_split
-from fedgt.finetune import FinetuneConfig, finetune
-from fedgt.lora import LoraSettings, attach_lora
-from fedgt.models import PAIRS, count_parameters, find_prepared, load_model
-from fedgt.pretrain import prepare_preset
-from fedgt.splits import make_domain_splits
-from fedgt.world import make_world
+from fedgt.core.data import task_domain_data
+from fedgt.core.evaluate import evaluate_split
+from fedgt.core.finetune import FinetuneConfig, finetune
+from fedgt.core.lora import LoraSettings, attach_lora
+from fedgt.core.models import PAIRS, count_parameters, find_prepared, load_model
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.world import make_world
+from fedgt.provider.pretrain import prepare_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def main() -> None:
     tiny = run_model(tiny_name, domains, cfg, lora, args.n)
     llm = run_model(llm_name, domains, cfg, lora, args.n)
     result = {
-        "command": "python simulations/bench_premise.py " + " ".join(
+        "command": "python -m simulations.bench_premise " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
             for k, v in vars(args).items() if k != "out" and v is not False),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",

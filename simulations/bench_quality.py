@@ -1,7 +1,7 @@
 """Quality benchmark of the Grad-Transformer against the baselines a user would pick instead.
 
-    python simulations/bench_quality.py            # full mode, default pair (see docs/results/quality.md)
-    python simulations/bench_quality.py --quick    # toy pair, a few domains: minutes (used by a slow test)
+    python -m simulations.bench_quality            # full mode, default pair (see docs/results/quality.md)
+    python -m simulations.bench_quality --quick    # toy pair, a few domains: minutes (used by a slow test)
 
 Pipeline (everything cached under $FEDGT_CACHE, resumable): prepare the pair -> curate shadow pairs ->
 train the GT (functional, parallel decoder), its autoregressive variant and the paper-faithful GT (T5, MSE)
@@ -25,24 +25,25 @@ from pathlib import Path
 
 import torch
 
-from fedgt.baselines import MeanUpdate, NearestShadow, RidgeMap, select
-from fedgt.data import DomainData, load_user_domains, task_domain_data
-from fedgt.finetune import FinetuneConfig
-from fedgt.grad_transformer import best_device, load_gt, predict
-from fedgt.judge import LLMJudge
-from fedgt.lora import LoraSettings
-from fedgt.metrics import per_domain, summarize
-from fedgt.models import PAIRS, cache_dir
-from fedgt.pretrain import PretrainData, prepare_preset
-from fedgt.privacy import DPConfig
-from fedgt.private_eval import OrgConfig, config_json, run_orgs
-from fedgt.probes import probe_features, probe_prompts
-from fedgt.provider import shadow_domains
-from fedgt.same_val import SameDomainVal, pick_domains, same_domain_val
-from fedgt.shadow import CurationConfig, curate, load_pairs
-from fedgt.splits import make_domain_splits
-from fedgt.train_gt import TrainConfig, functional_val_loss, gt_config_for, split_domains, train_gt
-from fedgt.world import make_world
+from fedgt.core.data import DomainData, load_user_domains, task_domain_data
+from fedgt.core.dp import DPConfig
+from fedgt.core.finetune import FinetuneConfig
+from fedgt.core.judge import LLMJudge
+from fedgt.core.lora import LoraSettings
+from fedgt.core.metrics import per_domain, summarize
+from fedgt.core.mixture import PretrainData
+from fedgt.core.models import PAIRS, cache_dir
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.world import make_world
+from fedgt.provider.grad_transformer import best_device, load_gt, predict
+from fedgt.provider.pretrain import prepare_preset
+from fedgt.provider.probes import probe_features, probe_prompts
+from fedgt.provider.public_data import shadow_domains
+from fedgt.provider.same_val import SameDomainVal, pick_domains, same_domain_val
+from fedgt.provider.shadow import CurationConfig, curate, load_pairs
+from fedgt.provider.train_gt import TrainConfig, functional_val_loss, gt_config_for, split_domains, train_gt
+from simulations.baselines import MeanUpdate, NearestShadow, RidgeMap, select
+from simulations.private_eval import OrgConfig, config_json, run_orgs
 
 SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
 METHODS = ("gt", "gt_shuffled_input", "gt_autoregressive", "gt_weights_only", "paper_gt", "mean_update", "knn", "ridge",
@@ -311,7 +312,7 @@ def main(argv=None) -> dict:
     timings["tiny_ft_cpu_s_per_org"] = sum(o["seconds"]["tiny_ft"] for o in orgs.values()) / len(orgs)
     timings["total_wall_s"] = time.time() - t_start
     results.update({
-        "command": "python simulations/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m simulations.bench_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
                    f"python {platform.python_version()}, torch {torch.__version__}",
         "pair": {"tiny": tiny_path, "llm": llm_path}, "lora": asdict(lora), "finetune": asdict(ft),
@@ -347,8 +348,8 @@ def multi_org(args, domains: list[DomainData], orgs: dict, gt, tiny_judge: LLMJu
     Gaussian mechanism for sensitivity C/M, then one GT pass. Ceiling ``llm_ft``: the LLM fine-tuned on the union
     of the group's private data (simulation only). PGR's ``tiny_ft``: each organization's own tuned TinyLM.
     """
-    from fedgt.privacy import gaussian_sigma
-    from fedgt.shadow import LoraTuner
+    from fedgt.core.dp import gaussian_sigma
+    from fedgt.provider.shadow import LoraTuner
 
     rng = random.Random(f"multi-org-{args.seed}")
     clip = float(pairs.final().tiny.flatten(1).norm(dim=1).median())

@@ -1,7 +1,7 @@
 """Aggregation-strategy benchmark: every aggregator x both orders x round schemes, same organizations and seeds.
 
-    python simulations/bench_strategies.py            # full: default pair, 8 organizations, 3 rounds + scale run
-    python simulations/bench_strategies.py --quick    # toy pair, 2 organizations, 2 rounds, no scale run (minutes)
+    python -m simulations.bench_strategies            # full: default pair, 8 organizations, 3 rounds + scale run
+    python -m simulations.bench_strategies --quick    # toy pair, 2 organizations, 2 rounds, no scale run (minutes)
 
 Strategy runs reuse the app's own pieces in one process, so every configuration sees the same organizations,
 seeds and client code: ``client_app.local_round`` for each organization (2 worker processes; a client round
@@ -33,17 +33,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedgt.client_app import local_round  # noqa: E402
-from fedgt.data import public_text_domains  # noqa: E402
-from fedgt.fed_config import FedConfig, from_run_config, load_toml, pyproject_run_config  # noqa: E402
-from fedgt.fed_data import simulated_organizations  # noqa: E402
-from fedgt.fed_eval import LLMEvaluator  # noqa: E402
-from fedgt.lora import attach_lora, lora_parameters  # noqa: E402
-from fedgt.metrics import pooled_ratio  # noqa: E402
-from fedgt.models import load_model  # noqa: E402
-from fedgt.provision import provide, resolve_model  # noqa: E402
-from fedgt.translator import Translator  # noqa: E402
-from fedgt.updates import flatten, spec_of, unflatten  # noqa: E402
+from fedgt.core.data import public_text_domains  # noqa: E402
+from fedgt.core.lora import attach_lora, lora_parameters  # noqa: E402
+from fedgt.core.metrics import pooled_ratio  # noqa: E402
+from fedgt.core.models import load_model  # noqa: E402
+from fedgt.core.org_data import simulated_organizations  # noqa: E402
+from fedgt.core.run_config import FedConfig, from_run_config, load_toml, pyproject_run_config  # noqa: E402
+from fedgt.core.updates import flatten, spec_of, unflatten  # noqa: E402
+from fedgt.org.client_app import local_round  # noqa: E402
+from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
+from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
+from fedgt.server.translator import Translator  # noqa: E402
 from strategies.grad_transformer import GradTransformerStrategy  # noqa: E402
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
@@ -97,7 +97,7 @@ def config_for(args) -> FedConfig:
 def load_toml_flat(path: Path) -> dict:
     import tomllib
 
-    from fedgt.fed_config import _flatten
+    from fedgt.core.run_config import _flatten
 
     load_toml(path)  # validates
     return _flatten(tomllib.loads(path.read_text()))
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     cfg = config_for(args)
     t_start = time.time()
     tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
-    gt_dir = Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(cfg.provider_config())
+    gt_dir = Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(provider_config_for(cfg))
     translator = Translator(gt_dir, cfg.gt.device)
     lora = cfg.lora_settings()
     tiny_model = attach_lora(load_model(tiny_name)[0], lora)
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     }
     for key in ("tiny_ft_round1", *llm_refs, "gt_deltaw_mean_round1"):
         refs[key].update(_lgr(refs[key], evaluator))
-    results = {"command": "python simulations/bench_strategies.py " + " ".join(argv if argv is not None else
+    results = {"command": "python -m simulations.bench_strategies " + " ".join(argv if argv is not None else
                                                                                  sys.argv[1:]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
                           f"GT device {translator.device}",
@@ -240,7 +240,7 @@ def _llm_references(ev: LLMEvaluator, cfg: FedConfig, orgs) -> tuple[dict, torch
     ``llm_deltaw_mean_round1``: the exact weighted mean of their weight changes (s * B_i @ A_i);
     ``llm_union_ft``: the LLM fine-tuned on the union of their data with the same budget (centralised).
     """
-    from fedgt.shadow import LoraTuner
+    from fedgt.provider.shadow import LoraTuner
 
     tuner = LoraTuner(ev.llm_model, ev.lora)
     ups = torch.stack([tuner.tokens(tuner.run(list(o.train), cfg.finetune_config()).update) for o in orgs])
@@ -258,8 +258,9 @@ def _llm_references(ev: LLMEvaluator, cfg: FedConfig, orgs) -> tuple[dict, torch
 
 def deltaw_mean_scores(ev: LLMEvaluator, updates: torch.Tensor, weights: torch.Tensor) -> list[dict]:
     """Scores of base + sum_i w_i * s * B_i @ A_i (the exact mean in weight space, not of the factors)."""
-    from fedgt.global_adapter import concat_pieces, merge_into_base
-    from fedgt.judge import LLMJudge
+    from fedgt.core.judge import LLMJudge
+    from fedgt.core.lora import merge_into_base
+    from fedgt.server.global_adapter import concat_pieces
 
     judge = LLMJudge(ev.llm_model, ev.lora, device=ev.judge.device)
     init = {k: v.cpu() for k, v in judge.init.items()}
@@ -304,7 +305,7 @@ def scale_runs(cfg: FedConfig) -> dict:
     """10 vs 100 organizations x 3 rounds through `flwr run`: wall time and the ServerApp's peak RSS."""
     import tempfile
 
-    from fedgt.flwr_runner import run_federation
+    from fedgt.run.flwr_runner import run_federation
 
     out = {}
     scale = load_toml_flat(ROOT / "simulations" / "scale_100.toml")

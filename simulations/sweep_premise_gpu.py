@@ -1,7 +1,7 @@
 """Exploration only (not a benchmark of record): pretrain pair variants on a GPU and compare fact recall and
 the fine-tuned EM gap, to choose the CPU default quickly (results: docs/premise.md, "How the pair was chosen").
 
-    python simulations/sweep_premise_gpu.py PEOPLE KNOWLEDGE_FRACTION TINY_HIDDEN STEPS LLM_HIDDEN LLM_FFN [llmonly]
+    python -m simulations.sweep_premise_gpu PEOPLE KNOWLEDGE_FRACTION TINY_HIDDEN STEPS LLM_HIDDEN LLM_FFN [llmonly]
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import replace
 import torch
 
 from fedgt import models, pretrain
-from fedgt.data import task_domain_data
-from fedgt.evaluate import evaluate_split
-from fedgt.examples import Example
-from fedgt.finetune import FinetuneConfig, finetune
-from fedgt.lora import LoraSettings, attach_lora
-from fedgt.splits import make_domain_splits
-from fedgt.world import make_world
+from fedgt.core.data import task_domain_data
+from fedgt.core.evaluate import evaluate_split
+from fedgt.core.examples import Example
+from fedgt.core.finetune import FinetuneConfig, finetune
+from fedgt.core.lora import LoraSettings, attach_lora
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.world import make_world
 
 people, know, tiny_h, steps = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,37 +1,42 @@
 """Central (server-side) DP with a fixed clip on organizations' update vectors.
 
-User-level DP here means organization-level: each organization's whole contribution in a round is its
-one update vector, clipped to L2 norm ``clip`` (its sensitivity), and Gaussian noise is added once to the
-aggregate, not to each update. The mechanism is the subsampled Gaussian mechanism on the SUM of
-clipped updates with std ``noise_multiplier * clip``; dividing by the number of organizations n gives
-the mean with noise std ``noise_multiplier * clip / n``. This needs uniform weights: weighting by
-num-examples would let one organization move the aggregate by more than ``clip / n``. So the mean is
-plain, as in Flower's DifferentialPrivacyServerSideFixedClipping.
+Organization-level DP: adjacency is adding or removing one organization, whose whole contribution in a round is
+its one update vector, clipped to L2 norm ``clip`` = C (the sensitivity of the SUM of clipped updates). Gaussian
+noise of std ``noise_multiplier * C`` = z·C is added once to that sum, and the sum is divided by the *expected*
+number of participants q·N, a number fixed before the round (McMahan et al.'s fixed-denominator estimator): the
+noise scale never depends on how many organizations happened to reply. Weights are uniform: weighting by
+num-examples would let one organization move the aggregate by more than C / (q·N).
 
-Accounting: Opacus' RDP accountant, one step per round with the round's organization sampling rate
-(amplification by subsampling assumes organizations are sampled independently at that rate; use 1.0
-when every organization takes part). The server sees the updates in the clear: this protects the
-released model against its users, not the organizations against the server.
+Sampling: each round every connected organization takes part independently with probability q
+(``strategy.fraction-train``), drawn from the server's secret noise source — Poisson sampling for real, which is
+what Opacus' RDP accountant assumes for its amplification (q = 1: everyone, no amplification). The noise is
+secret too (``fedgt.core.noise.SecretNoise``). The accountant's history is part of ``state_dict`` and is saved with
+every checkpoint. The server still sees each update in the clear: this protects the released model against its
+users, not the organizations against the server (that is each site's own DP, ``fedgt.org.policy``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from fedgt.core.dp import Mechanism, rdp_epsilon
+from fedgt.core.noise import NoiseSource, SecretNoise
+
 
 class CentralDP:
-    """Clip each organization's update to ``clip``; add N(0, (noise_multiplier * clip / n)^2) to the mean.
+    """Clip each organization's update to ``clip``; add N(0, (z·C)²) to their sum; divide by q·N.
 
     Args:
         clip: L2 bound C on each organization's update (its sensitivity).
         noise_multiplier: z; the noise on the sum of clipped updates has std z * C.
         delta: δ at which ε is reported.
-        seed: seeds the noise generator (reproducible runs); None draws a fresh nondeterministic seed.
+        noise: where noise and sampling draws come from (default: secret).
     """
 
-    def __init__(self, clip: float, noise_multiplier: float, delta: float = 1e-5, seed: int | None = None):
+    def __init__(self, clip: float, noise_multiplier: float, delta: float = 1e-5, noise: NoiseSource | None = None):
         if not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be finite and > 0, got {clip}")
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
@@ -39,13 +44,17 @@ class CentralDP:
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.clip, self.noise_multiplier, self.delta = clip, noise_multiplier, delta
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()  # a bare Generator() has a fixed default seed
-        else:
-            self.generator.manual_seed(seed)
-        self.rounds = 0
-        self._accountant = _new_accountant()
+        self.noise = noise if noise is not None else SecretNoise()
+        self.history: list[Mechanism] = []
+
+    def sample(self, node_ids: Sequence[int], sample_rate: float) -> list[int]:
+        """Poisson sampling: each node independently with probability ``sample_rate`` (secret draws)."""
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if sample_rate == 1.0:
+            return list(node_ids)
+        keep = self.noise.uniform(len(node_ids)) < sample_rate
+        return [n for n, k in zip(node_ids, keep.tolist(), strict=True) if k]
 
     def clip_vector(self, v: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Scale ``v`` (dim,) down to L2 norm <= clip; also says whether it was scaled."""
@@ -56,35 +65,38 @@ class CentralDP:
             return v, False
         return v * (self.clip / norm), True
 
-    def noisy_mean(self, total: torch.Tensor, n: int) -> torch.Tensor:
-        """Mean of n clipped updates from their SUM ``total`` (dim,), plus Gaussian noise of std z * C / n."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+    def noisy_mean(self, total: torch.Tensor, expected_participants: float) -> torch.Tensor:
+        """(SUM ``total`` of clipped updates + N(0, (z·C)²)) / ``expected_participants`` (fixed before the round)."""
+        if not expected_participants > 0:
+            raise ValueError(f"expected_participants must be > 0, got {expected_participants}")
         if not bool(torch.isfinite(total).all()):
             raise ValueError("total contains NaN or infinite values")
-        std = self.noise_multiplier * self.clip / n
-        noise = torch.randn(total.shape, generator=self.generator, dtype=torch.float32)  # on CPU, as the generator
-        return total.detach().to(torch.float32) / n + std * noise.to(total.device)
+        noise = self.noise.normal(tuple(total.shape), self.noise_multiplier * self.clip, torch.float64)
+        return ((total.detach().double().cpu() + noise) / expected_participants).to(torch.float32).to(total.device)
 
     def record_round(self, sample_rate: float) -> dict[str, float]:
         """Account one released round at organization sampling rate ``sample_rate``; returns the DP metrics."""
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
-        self.rounds += 1
-        one_round = _new_accountant()
-        one_round.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
+        step = (self.noise_multiplier, sample_rate, 1)
+        self.history.append(step)
         return {
-            "dp-central-round-epsilon": float(one_round.get_epsilon(self.delta)),
-            "dp-central-run-epsilon": float(self._accountant.get_epsilon(self.delta)),
+            "dp-central-round-epsilon": rdp_epsilon([step], self.delta),
+            "dp-central-run-epsilon": rdp_epsilon(self.history, self.delta),
             "dp-central-sigma": self.noise_multiplier * self.clip,
             "dp-central-noise-multiplier": self.noise_multiplier,
             "dp-central-clip": self.clip,
             "dp-delta": self.delta,
         }
 
+    def state_dict(self) -> dict:
+        """The accountant's state: every round's mechanism (saved with the server's checkpoints)."""
+        return {"history": [list(m) for m in self.history], "clip": self.clip,
+                "noise_multiplier": self.noise_multiplier, "delta": self.delta}
 
-def _new_accountant():  # -> opacus.accountants.RDPAccountant
-    from opacus.accountants import RDPAccountant  # imported here, as in fedgt.privacy: only DP runs need Opacus
-
-    return RDPAccountant()
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the accountant; refuses a state kept under another mechanism."""
+        if (state["clip"], state["noise_multiplier"], state["delta"]) != (self.clip, self.noise_multiplier, self.delta):
+            raise ValueError(f"central DP state was kept with clip={state['clip']}, z={state['noise_multiplier']}, "
+                             f"δ={state['delta']}; this run has {self.clip}, {self.noise_multiplier}, {self.delta}")
+        self.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]

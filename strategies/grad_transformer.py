@@ -1,6 +1,6 @@
 """GradTransformerStrategy: organizations train a TinyLM, the server updates an LLM through a Grad-Transformer.
 
-A Flower ``FedAvg`` that keeps two shared models on the server (``fedgt.global_adapter.GlobalAdapter``): the
+A Flower ``FedAvg`` that keeps two shared models on the server (``fedgt.server.global_adapter.GlobalAdapter``): the
 TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the server ever trains. Each round:
 
 1. ``configure_train``: every sampled organization gets the TinyLM's folded-in rounds (``base``) and its current
@@ -30,16 +30,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedgt.global_adapter import GlobalAdapter, dense_change, dense_shapes, dense_to_vector, vector_to_dense
-from fedgt.lora import LoraSettings
-from fedgt.updates import UpdateError, UpdateSpec, flatten, from_array_record, to_array_record, unflatten, update_norm
+from fedgt.core.identity import to_config
+from fedgt.core.lora import LoraSettings
+from fedgt.core.updates import (
+    UpdateError,
+    UpdateSpec,
+    flatten,
+    from_array_record,
+    to_array_record,
+    unflatten,
+    update_norm,
+)
+from fedgt.server.global_adapter import GlobalAdapter, dense_change, dense_shapes, dense_to_vector, vector_to_dense
 from strategies.aggregators import make_aggregator
 from strategies.central_dp import CentralDP
 from strategies.server_opt import ServerOptimizer
@@ -50,6 +59,17 @@ MODES = ("transform-then-aggregate", "aggregate-then-transform")
 ROUND_SCHEMES = ("retranslate", "merge", "naive")
 SPACES = ("factors", "weights")
 Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update tokens, weight, client metrics)
+
+
+def describe_reply(msg: Message) -> dict:
+    """Everything a reply carried, by name and shape (values left out): what crossed the network to the server."""
+    if msg.has_error():
+        return {"node": msg.metadata.src_node_id, "error": True}
+    c = msg.content
+    return {"node": msg.metadata.src_node_id,
+            "arrays": {name: {k: list(a.shape) for k, a in rec.items()} for name, rec in c.array_records.items()},
+            "metrics": {name: sorted(rec.keys()) for name, rec in c.metric_records.items()},
+            "configs": {name: dict(rec) for name, rec in c.config_records.items()}}
 
 
 def _reject_code(err: Exception) -> str:
@@ -71,7 +91,8 @@ class GradTransformerStrategy(FedAvg):
                  mode: str = "transform-then-aggregate", aggregator: str = "mean", trim_beta: float = 0.1,
                  norm_bound: float = 1.0, rounds: str = "merge", server_opt: ServerOptimizer | None = None,
                  central_dp: CentralDP | None = None, max_update_norm: float = 100.0, gt_batch_size: int = 16,
-                 space: str = "factors", **fedavg_kwargs):
+                 space: str = "factors", tiny_identity: Mapping[str, str] | None = None,
+                 max_num_examples: float = math.inf, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if mode not in MODES:
             raise ValueError(f"strategy.mode must be one of {MODES}, got {mode!r}")
@@ -95,7 +116,14 @@ class GradTransformerStrategy(FedAvg):
         self.mode, self.aggregator, self.trim_beta, self.norm_bound = mode, aggregator, trim_beta, norm_bound
         self.server_opt = server_opt or ServerOptimizer("none")
         self.central_dp, self.max_update_norm, self.gt_batch_size = central_dp, max_update_norm, gt_batch_size
+        if not max_num_examples >= 1:
+            raise ValueError(f"strategy.max-num-examples must be >= 1, got {max_num_examples}")
+        self.max_num_examples = max_num_examples  # a reply's weight is min(num-examples, this): bounded influence
+        self.expected_participants: dict[int, float] = {}  # central DP: q * N per round, fixed before replies
+        self._round = 0
         self.round_log: dict[int, dict] = {}
+        # The TinyLM identity (fedgt.core.identity) every train message carries, so sites can refuse another TinyLM.
+        self.tiny_identity = dict(tiny_identity) if tiny_identity else None
 
     # ------------------------------------------------------------------------------------------ sending
 
@@ -106,11 +134,28 @@ class GradTransformerStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         """Sample organizations; send the TinyLM's folded-in rounds and current factors (never the LLM)."""
-        messages = list(super().configure_train(server_round, self.current_arrays(), config, grid))
+        if self.tiny_identity:
+            for key, value in to_config(self.tiny_identity).items():
+                config[key] = value
+        if self.central_dp is not None:
+            messages = self._poisson_sample(server_round, config, grid)
+        else:
+            messages = list(super().configure_train(server_round, self.current_arrays(), config, grid))
         base = self.tiny.base_factors()
         for m in messages:
             m.content["base"] = ArrayRecord({k: Array(v.numpy()) for k, v in base.items()}) if base else ArrayRecord()
         return messages
+
+    def _poisson_sample(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Central DP: each connected organization takes part independently with probability q, as accounted."""
+        node_ids = sorted(grid.get_node_ids())
+        self.expected_participants[server_round] = self.fraction_train * len(node_ids)
+        sampled = self.central_dp.sample(node_ids, self.fraction_train)
+        log.info("configure_train: Poisson-sampled %d of %d organizations (q=%g)", len(sampled), len(node_ids),
+                 self.fraction_train)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: self.current_arrays(), self.configrecord_key: config})
+        return list(self._construct_messages(record, sampled, MessageType.TRAIN))
 
     # ------------------------------------------------------------------------------------------ receiving
 
@@ -133,7 +178,7 @@ class GradTransformerStrategy(FedAvg):
         if norm > self.max_update_norm:
             raise UpdateError(f"global L2 norm {norm:.6g} > strategy.max-update-norm {self.max_update_norm:g}",
                               None, f"node {msg.metadata.src_node_id}")
-        return flatten(update, self.tiny_spec), float(weight), dict(metrics)
+        return flatten(update, self.tiny_spec), min(float(weight), self.max_num_examples), dict(metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -154,13 +199,15 @@ class GradTransformerStrategy(FedAvg):
                 log.warning("round %d: rejected the reply of node %s: %s", server_round, node, err)
                 continue
             accepted.append((node, tokens, weight, metrics))
-        entry = {"round": server_round, "replies": len(replies), "rejected": rejected, "declined": declined}
+        entry = {"round": server_round, "replies": len(replies), "rejected": rejected, "declined": declined,
+                 "received": [describe_reply(m) for m in replies]}
         return self.apply(server_round, accepted, entry, t0)
 
     def apply(self, server_round: int, accepted: list[Contribution], entry: dict | None = None,
               t0: float | None = None) -> tuple[ArrayRecord | None, MetricRecord]:
         """Turn validated contributions into one LLM update and apply it (also usable without Flower messages)."""
         t0 = time.perf_counter() if t0 is None else t0
+        self._round = server_round
         entry = {"round": server_round, "rejected": [], "declined": [], **(entry or {})}
         entry["accepted"] = [a[0] for a in accepted]
         self.round_log[server_round] = entry
@@ -223,7 +270,9 @@ class GradTransformerStrategy(FedAvg):
             for _, tokens, _, _ in accepted:
                 clipped, _ = self.central_dp.clip_vector(tokens.reshape(-1))
                 total += clipped.double()
-            tiny_agg = self.central_dp.noisy_mean(total.float(), n)
+            # fixed before the round (q * N), never the number of replies: the noise scale is data-independent
+            expected = self.expected_participants.get(self._round, self.fraction_train * n)
+            tiny_agg = self.central_dp.noisy_mean(total, expected)
             dp_metrics = self.central_dp.record_round(self.fraction_train)
         else:
             tiny_agg = self._aggregate(((t.reshape(-1), w) for _, t, w, _ in accepted), n)

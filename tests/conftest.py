@@ -18,6 +18,6 @@ def fedgt_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_pair(fedgt_cache):
     """The toy TinyLM/LLM pair, pretrained for a few steps (seconds) into the session cache."""
-    from fedgt.pretrain import prepare_preset
+    from fedgt.provider.pretrain import prepare_preset
 
     return prepare_preset("toy", progress=False), prepare_preset("toy-large", progress=False)

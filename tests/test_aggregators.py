@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedgt.core.noise import SeededNoise
 from strategies.aggregators import (
     AGGREGATORS,
     CoordinateMedian,
@@ -248,7 +249,7 @@ def test_server_opt_rejects_bad_delta():
 
 
 def test_central_dp_clips_to_the_bound():
-    dp = CentralDP(clip=5.0, noise_multiplier=1.0, seed=0)
+    dp = CentralDP(clip=5.0, noise_multiplier=1.0)
     kept, clipped = dp.clip_vector(vec([3.0, 4.0, 0.0, 0.0]))  # norm 5: at the bound
     assert not clipped
     torch.testing.assert_close(kept, vec([3.0, 4.0, 0.0, 0.0]))
@@ -258,27 +259,59 @@ def test_central_dp_clips_to_the_bound():
 
 
 def test_noisy_mean_with_negligible_noise_is_the_mean():
-    dp = CentralDP(clip=5.0, noise_multiplier=1e-9, seed=0)
-    torch.testing.assert_close(dp.noisy_mean(vec([3.0, 6.0, 9.0, 12.0]), n=3), vec([1.0, 2.0, 3.0, 4.0]))
+    dp = CentralDP(clip=5.0, noise_multiplier=1e-9)
+    torch.testing.assert_close(dp.noisy_mean(vec([3.0, 6.0, 9.0, 12.0]), 3), vec([1.0, 2.0, 3.0, 4.0]))
 
 
-def test_noisy_mean_noise_std_is_z_clip_over_n():
-    dp = CentralDP(clip=2.0, noise_multiplier=1.5, seed=0)
-    noise = dp.noisy_mean(torch.zeros(200_000), n=3)  # std 1.5 * 2 / 3 = 1
+def test_noisy_mean_noise_std_is_z_clip_over_the_expected_participants():
+    dp = CentralDP(clip=2.0, noise_multiplier=1.5, noise=SeededNoise(0))
+    noise = dp.noisy_mean(torch.zeros(200_000), expected_participants=3)  # std 1.5 * 2 / 3 = 1
     assert abs(float(noise.std()) - 1.0) < 0.02
     assert abs(float(noise.mean())) < 0.01
-    again = CentralDP(clip=2.0, noise_multiplier=1.5, seed=0).noisy_mean(torch.zeros(200_000), n=3)
-    torch.testing.assert_close(noise, again)  # seeded: reproducible
+    again = CentralDP(clip=2.0, noise_multiplier=1.5, noise=SeededNoise(0))
+    torch.testing.assert_close(noise, again.noisy_mean(torch.zeros(200_000), expected_participants=3))  # seeded
 
 
-def test_unseeded_noise_differs_between_instances():
-    a = CentralDP(clip=1.0, noise_multiplier=1.0).noisy_mean(torch.zeros(8), n=1)
-    b = CentralDP(clip=1.0, noise_multiplier=1.0).noisy_mean(torch.zeros(8), n=1)
-    assert not torch.equal(a, b)
+def test_secret_noise_differs_between_instances_and_calls():
+    dp = CentralDP(clip=1.0, noise_multiplier=1.0)
+    a, b = dp.noisy_mean(torch.zeros(8), 1), dp.noisy_mean(torch.zeros(8), 1)
+    c = CentralDP(clip=1.0, noise_multiplier=1.0).noisy_mean(torch.zeros(8), 1)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_poisson_sampling_of_organizations_is_independent_at_rate_q():
+    dp = CentralDP(clip=1.0, noise_multiplier=1.0)
+    nodes = list(range(4000))
+    first, second = dp.sample(nodes, 0.25), dp.sample(nodes, 0.25)
+    assert abs(len(first) - 1000) < 5 * math.sqrt(4000 * 0.25 * 0.75)  # Binomial(4000, 0.25): 5 sigma
+    assert first != second and set(first) <= set(nodes)
+    assert dp.sample(nodes, 1.0) == nodes
+
+
+def test_round_epsilon_matches_the_rdp_conversion_by_hand():
+    # Gaussian mechanism, no subsampling: RDP(α) = α / (2 z²); Opacus converts with
+    # ε = min_α RDP(α) + log((α-1)/α) - (log δ + log α) / (α - 1) over its default orders.
+    z, delta = 1.3, 1e-5
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    by_hand = min(a / (2 * z * z) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in orders)
+    got = CentralDP(clip=1.0, noise_multiplier=z, delta=delta).record_round(1.0)["dp-central-round-epsilon"]
+    assert got == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_accountant_state_round_trips_and_refuses_another_mechanism():
+    dp = CentralDP(clip=1.0, noise_multiplier=1.0)
+    dp.record_round(0.5)
+    dp.record_round(0.5)
+    resumed = CentralDP(clip=1.0, noise_multiplier=1.0)
+    resumed.load_state_dict(dp.state_dict())
+    assert resumed.record_round(0.5)["dp-central-run-epsilon"] == pytest.approx(dp.record_round(0.5)[
+        "dp-central-run-epsilon"])
+    with pytest.raises(ValueError, match="central DP state"):
+        CentralDP(clip=2.0, noise_multiplier=1.0).load_state_dict(dp.state_dict())
 
 
 def test_run_epsilon_grows_and_starts_at_the_round_epsilon():
-    dp = CentralDP(clip=1.0, noise_multiplier=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(clip=1.0, noise_multiplier=1.0, delta=1e-5)
     first = dp.record_round(sample_rate=0.5)
     assert first["dp-central-run-epsilon"] == pytest.approx(first["dp-central-round-epsilon"])
     second = dp.record_round(sample_rate=0.5)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from fedgt.batching import encode, per_example_loss
-from fedgt.evaluate import evaluate_loss, evaluate_split, exact_match_greedy, exact_match_teacher_forced
-from fedgt.examples import task_example, text_example
-from fedgt.models import build_model, get_preset
-from fedgt.tokenizer import train_char_tokenizer
+from fedgt.core.batching import encode, per_example_loss
+from fedgt.core.evaluate import evaluate_loss, evaluate_split, exact_match_greedy, exact_match_teacher_forced
+from fedgt.core.examples import task_example, text_example
+from fedgt.core.models import build_model, get_preset
+from fedgt.core.tokenizer import train_char_tokenizer
 
 TOK = train_char_tokenizer()
 
@@ -63,7 +63,7 @@ def test_greedy_and_teacher_forced_exact_match_agree() -> None:
     model = _overfit_toy(train, steps=600)  # 300 left the loss at 0.52 on one CPU: memorise for sure
     probe = train + [task_example(f"n{i}", "9") for i in range(12)]  # some right, some wrong
     greedy = exact_match_greedy(model, TOK, probe, max_new_tokens=4)
-    assert 0.3 < greedy < 0.7
+    assert 0 < greedy < 1  # both outcomes occur, so the equality below compares something (CPU-dependent memorising)
     assert exact_match_teacher_forced(model, TOK, probe) == greedy
 
 

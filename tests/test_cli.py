@@ -7,10 +7,10 @@ import json
 import torch
 from peft import PeftModel
 
-from fedgt.cli import main
-from fedgt.lora import LoraSettings, attach_lora, lora_parameters
-from fedgt.models import load_model
-from fedgt.updates import apply_update, load_update
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
+from fedgt.core.models import load_model
+from fedgt.core.updates import apply_update, load_update
+from fedgt.run.cli import main
 
 DOMAIN = "string/reverse/pet/t0/f1"
 
@@ -84,7 +84,7 @@ def test_curate_then_train_gt_from_the_command_line(toy_pair, tmp_path, capsys) 
     assert "best epoch" in capsys.readouterr().out
     gt_cfg = json.loads((gt / "config.json").read_text())["gt"]
     assert gt_cfg["tgt_tokens"] == 3  # toy-large has 3 layers
-    from fedgt.translator import Translator  # what the federation's server loads as gt.checkpoint
+    from fedgt.server.translator import Translator  # what the federation's server loads as gt.checkpoint
 
     translator = Translator(gt, "cpu")
     assert translator(torch.zeros(2, *translator.src_shape)).shape == (2, 3, gt_cfg["tgt_dim"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgt.data import (
+from fedgt.core.data import (
     DataFileError,
     DomainData,
     assert_disjoint,
@@ -23,10 +23,10 @@ from fedgt.data import (
     public_text_domains,
     task_domain_data,
 )
-from fedgt.examples import Example, text_example
-from fedgt.splits import make_domain_splits
-from fedgt.tasks import all_domains, generate
-from fedgt.world import make_world
+from fedgt.core.examples import Example, text_example
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.tasks import all_domains, generate
+from fedgt.core.world import make_world
 
 WORLD = make_world()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgt.fed_config import (
+from fedgt.core.run_config import (
     KEYS,
     ConfigError,
     FedConfig,
@@ -15,6 +15,7 @@ from fedgt.fed_config import (
     pyproject_run_config,
     to_run_config,
 )
+from fedgt.provider.provision import provider_config_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = pyproject_run_config(ROOT / "pyproject.toml")
@@ -68,6 +69,6 @@ def test_derived_library_configs() -> None:
     cfg = from_run_config({**BASE, "dp.mode": "dp-sgd", "dp.epsilon": 4.0, "lora.targets": "q_proj, k_proj"})
     assert cfg.lora_settings().target_modules == ("q_proj", "k_proj")
     assert cfg.dp_config().epsilon == 4.0 and cfg.dp_config().mode == "dp-sgd"
-    provider = cfg.provider_config()
+    provider = provider_config_for(cfg)
     assert provider.tiny_dp.mode == "dp-sgd" and provider.shadow_domains == cfg.gt.shadow_domains
     assert cfg.model_names() == ("tinylm", "llm")

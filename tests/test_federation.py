@@ -9,9 +9,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedgt.fed_config import ConfigError, load_toml, pyproject_run_config
-from fedgt.flwr_runner import _superlink_pids, run_federation
-from fedgt.models import load_model
+from fedgt.core.lora import attach_lora
+from fedgt.core.models import load_model
+from fedgt.core.run_config import ConfigError, load_toml, pyproject_run_config
+from fedgt.core.updates import spec_of
+from fedgt.run.flwr_runner import _superlink_pids, run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,15 +27,17 @@ def toy_overrides(**extra) -> dict:
 
 
 def _flat(d: dict) -> dict:
-    from fedgt.fed_config import _flatten
+    from fedgt.core.run_config import _flatten
 
     return _flatten(d)
 
 
 def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     out, home = tmp_path / "run", tmp_path / "flwr-home"
-    overrides = _flat(toy_overrides(**{"output": {"dir": str(out)}, "dp": {"mode": "dp-sgd", "epsilon": 4.0,
-                                                                           "budget": 5.0}}))
+    # Sites that require DP-SGD at ε <= 4, budget 5, and release nothing but the update, num-examples and ε.
+    overrides = _flat(toy_overrides(**{"output": {"dir": str(out)}, "dp": {"mode": "dp-sgd", "epsilon": 4.0},
+                                       "sim-sites": {"dp-mode": "dp-sgd", "max-epsilon": 4.0, "budget": 5.0,
+                                                     "release": ""}}))
     assert run_federation(ROOT, overrides, home, timeout=600) == 0
     assert _superlink_pids(home) == []  # the local SuperLink it started is stopped again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -44,6 +48,20 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     # Budget 5: two ε=4 rounds compose (RDP) to ~6 > 5, so both organizations decline, saying why.
     assert len(second["declined"]) == 2 and "budget" in second["declined"][0]["reason"]
     assert "| 2 |" in (out / "results.md").read_text() and (out / "metrics.png").is_file()
+
+    # Everything that reached the server, reply by reply: the update of the TinyLM's spec and whitelisted metrics
+    # only; declines carry their reason and nothing else (no loss, no raw norm, no test scores, no names).
+    lora = load_toml(ROOT / "simulations" / "toy.toml", pyproject_run_config(ROOT / "pyproject.toml")).lora_settings()
+    spec = spec_of(attach_lora(load_model(str(toy_pair[0]))[0], lora))
+    shapes = {k: list(s) for k, s in zip(spec.keys, spec.shapes, strict=True)}
+    assert len(first["received"]) == len(second["received"]) == 2
+    for r in first["received"]:
+        assert r["arrays"] == {"arrays": shapes} and r["configs"] == {}
+        assert r["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]}
+    for r in second["received"]:
+        assert r["arrays"] == {} and set(r["configs"]) == {"decline"} and list(r["configs"]["decline"]) == ["reason"]
+        assert r["metrics"] == {"metrics": ["declined", "dp-epsilon-total", "num-examples"]}
+        assert "org-" not in r["configs"]["decline"]["reason"] and "/" not in r["configs"]["decline"]["reason"]
     assert (out / "checkpoints" / "round-2.pt").is_file()
 
     # The final LLM is a standard peft adapter on the untouched base LLM.
@@ -62,9 +80,9 @@ def test_a_bad_run_config_fails_before_anything_starts(tmp_path) -> None:
 
 
 def test_exported_site_folders_load_back_as_the_same_organizations(tmp_path) -> None:
-    from fedgt.data import load_user_domain
-    from fedgt.fed_config import from_run_config
-    from fedgt.fed_data import simulated_organizations, write_jsonl
+    from fedgt.core.data import load_user_domain
+    from fedgt.core.org_data import simulated_organizations, write_jsonl
+    from fedgt.core.run_config import from_run_config
 
     cfg = from_run_config({**pyproject_run_config(ROOT / "pyproject.toml"), "data.n-train": 8, "data.n-test": 4})
     org = simulated_organizations(cfg, 3)[1]

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
-from fedgt.examples import task_example
-from fedgt.finetune import FinetuneConfig, finetune
-from fedgt.lora import LoraSettings, attach_lora, lora_parameters
-from fedgt.models import build_model, get_preset
-from fedgt.privacy import DPConfig, gaussian_sigma
-from fedgt.tasks import generate, parse_domain
-from fedgt.tokenizer import train_char_tokenizer
-from fedgt.updates import spec_of, update_norm
-from fedgt.world import make_world
+from fedgt.core.dp import DPConfig, update_sigma
+from fedgt.core.examples import task_example
+from fedgt.core.finetune import FinetuneConfig, finetune
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
+from fedgt.core.models import build_model, get_preset
+from fedgt.core.noise import SecretNoise, SeededNoise
+from fedgt.core.tasks import generate, parse_domain
+from fedgt.core.tokenizer import train_char_tokenizer
+from fedgt.core.updates import spec_of, update_norm
+from fedgt.core.world import make_world
 
 TOK = train_char_tokenizer()
 EXAMPLES = generate(make_world(), parse_domain("string/reverse/pet/t0/f1"), "train", 32)
@@ -76,15 +77,70 @@ def test_dp_sgd_with_a_target_epsilon_reports_what_the_accountant_spent() -> Non
 
 
 def test_update_mode_clips_to_c_and_adds_calibrated_noise() -> None:
-    _, plain = run()
     _, res = run(DPConfig(mode="update", epsilon=1e9, update_clip=0.05))  # noise ~0: only the clip shows
     assert update_norm(res.update) == pytest.approx(0.05, rel=1e-3)
-    assert res.metrics["dp-update-norm"] == pytest.approx(update_norm(plain.update), rel=1e-5)
-    _, noisy = run(DPConfig(mode="update", epsilon=8.0, delta=1e-5, update_clip=1.0))
-    sigma = gaussian_sigma(1.0, 8.0, 1e-5)
-    assert noisy.metrics["dp-sigma"] == pytest.approx(sigma)
+    assert "dp-update-norm" not in res.metrics and "dp-clipped" not in res.metrics  # data-dependent: never reported
+    dp = DPConfig(mode="update", epsilon=8.0, delta=1e-5, update_clip=1.0)
+    _, noisy = run(dp)
+    assert noisy.metrics["dp-sigma"] == pytest.approx(update_sigma(dp))
     n = sum(t.numel() for t in noisy.update.values())
-    assert update_norm(noisy.update) == pytest.approx(sigma * math.sqrt(n), rel=0.15)
+    assert update_norm(noisy.update) == pytest.approx(update_sigma(dp) * math.sqrt(n), rel=0.15)
+
+
+def _gaussian_delta(epsilon: float, sigma: float, sensitivity: float) -> float:
+    """The exact privacy profile of the Gaussian mechanism (Balle & Wang 2018, Thm. 8), by hand."""
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
+    a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+    return phi(a - b) - math.exp(epsilon) * phi(-a - b)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 4.0, 8.0, 32.0])
+def test_update_noise_is_epsilon_delta_private_at_every_epsilon_for_replace_one(epsilon) -> None:
+    # Replace-one adjacency: two clipped updates are up to 2C apart. Calibrating to C (or with the classic formula
+    # outside ε < 1) leaves δ(ε) far above the target: at ε = 8 with σ = C·sqrt(2 ln(1.25/δ))/ε it is ~0.15.
+    dp = DPConfig(mode="update", epsilon=epsilon, delta=1e-5, update_clip=1.5)
+    assert _gaussian_delta(epsilon, update_sigma(dp), 2 * 1.5) <= 1e-5
+    assert _gaussian_delta(epsilon, update_sigma(dp) / 1.3, 2 * 1.5) > 1e-5  # and not wildly over-noised
+
+
+def _noise_of(dp: DPConfig, noise) -> dict[str, torch.Tensor]:
+    """What the mechanism added: the noisy update minus the clipped one (same data, same seeded batches)."""
+    clean = run()[1].update
+    model = toy_lora()
+    noisy = finetune(model, TOK, EXAMPLES, FinetuneConfig(steps=6, batch_size=8), dp, noise).update
+    scale = min(1.0, dp.update_clip / update_norm(clean))
+    return {k: noisy[k] - scale * clean[k] for k in clean}
+
+
+def test_secret_noise_is_fresh_each_time_and_independent_between_identical_organizations() -> None:
+    dp = DPConfig(mode="update", epsilon=8.0, update_clip=1.0)
+    a, b = _noise_of(dp, SecretNoise()), _noise_of(dp, SecretNoise())  # two organizations, same data and config
+    va, vb = (torch.cat([t.flatten() for t in v.values()]).double() for v in (a, b))
+    assert not torch.equal(va, vb)
+    corr = float((va @ vb) / (va.norm() * vb.norm()))
+    assert abs(corr) < 5 / math.sqrt(va.numel())  # independent: correlation at noise level
+    assert float(va.std()) == pytest.approx(update_sigma(dp), rel=0.1)
+    # What the run config determines (the seeded default) does not reproduce it.
+    vs = torch.cat([t.flatten() for t in _noise_of(dp, None).values()]).double()
+    assert abs(float((va @ vs) / (va.norm() * vs.norm()))) < 5 / math.sqrt(va.numel())
+
+
+def test_dp_sgd_with_secret_noise_differs_run_to_run_and_seeded_noise_repeats() -> None:
+    dp = DPConfig(mode="dp-sgd", noise_multiplier=1.0)
+    cfg = FinetuneConfig(steps=4, batch_size=8)
+    first = finetune(toy_lora(), TOK, EXAMPLES, cfg, dp, SecretNoise()).update
+    second = finetune(toy_lora(), TOK, EXAMPLES, cfg, dp, SecretNoise()).update
+    assert update_norm({k: first[k] - second[k] for k in first}) > 1e-4
+    s1 = finetune(toy_lora(), TOK, EXAMPLES, cfg, dp, SeededNoise(5)).update
+    s2 = finetune(toy_lora(), TOK, EXAMPLES, cfg, dp, SeededNoise(5)).update
+    assert_updates_equal(s1, s2, atol=0)
+
+
+def test_secret_gaussians_have_the_right_moments() -> None:
+    z = SecretNoise().normal((200_000,), 2.0, torch.float64)
+    assert abs(float(z.mean())) < 0.02 and float(z.std()) == pytest.approx(2.0, rel=0.01)
+    u = SecretNoise().uniform(100_000)
+    assert 0 < float(u.min()) and float(u.max()) <= 1 and float(u.mean()) == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize(

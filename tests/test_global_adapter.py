@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from fedgt.global_adapter import GlobalAdapter, merge_into_base
-from fedgt.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
-from fedgt.models import load_model
-from fedgt.updates import spec_of
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, merge_into_base, set_lora_parameters
+from fedgt.core.models import load_model
+from fedgt.core.updates import spec_of
+from fedgt.server.global_adapter import GlobalAdapter
 
 
 def _random_update(spec, seed: int) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def test_saved_adapter_of_merged_rounds_loads_with_peft_and_equals_the_server_mo
 
 
 def test_state_round_trips() -> None:
-    from fedgt.updates import UpdateSpec
+    from fedgt.core.updates import UpdateSpec
 
     spec = UpdateSpec.from_parameters({"model.layers.0.q_proj.lora_A.weight": torch.zeros(2, 3),
                                        "model.layers.0.q_proj.lora_B.weight": torch.zeros(3, 2)})
@@ -60,7 +60,7 @@ def test_state_round_trips() -> None:
 
 
 def test_dense_changes_save_as_an_exact_peft_adapter(toy_pair, tmp_path) -> None:
-    from fedgt.global_adapter import dense_as_lora, dense_change, save_dense_peft
+    from fedgt.server.global_adapter import dense_as_lora, dense_change, save_dense_peft
 
     lora = LoraSettings()
     llm = str(toy_pair[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedgt.grad_transformer import GTConfig, build_gt, load_gt, predict, save_gt
+from fedgt.provider.grad_transformer import GTConfig, build_gt, load_gt, predict, save_gt
 
 SHAPES = dict(src_tokens=2, src_dim=12, tgt_tokens=4, tgt_dim=20)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedgt.grouped_lora import grouped_lora
-from fedgt.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
+from fedgt.core.grouped_lora import grouped_lora
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
 
 
 def _model(freeze_a: bool):

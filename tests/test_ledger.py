@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedgt.ledger import BudgetExceeded, PrivacyLedger, rdp_epsilon, round_mechanisms
-from fedgt.privacy import DPConfig, gaussian_sigma
+from fedgt.core.dp import DPConfig, rdp_epsilon, update_sigma
+from fedgt.org.ledger import BudgetExceeded, PrivacyLedger, round_mechanisms
 
 
 def test_dp_sgd_round_mechanism_matches_its_target_epsilon() -> None:
@@ -19,9 +19,11 @@ def test_dp_sgd_round_mechanism_matches_its_target_epsilon() -> None:
     assert round_mechanisms(DPConfig(), 128, 16, 100) == []
 
 
-def test_update_mode_mechanism_is_the_gaussian_release() -> None:
+def test_update_mode_mechanism_is_the_gaussian_release_at_its_replace_one_sensitivity() -> None:
     dp = DPConfig(mode="update", epsilon=8.0, update_clip=2.0)
-    assert round_mechanisms(dp, 128, 16, 100) == [(gaussian_sigma(2.0, 8.0, 1e-5) / 2.0, 1.0, 1)]
+    ((z, q, steps),) = round_mechanisms(dp, 128, 16, 100)
+    assert (q, steps) == (1.0, 1) and z == pytest.approx(update_sigma(dp) / (2 * 2.0))  # σ over sensitivity 2C
+    assert rdp_epsilon([(z, q, steps)], 1e-5) == pytest.approx(8.0, rel=0.01)  # the ledger spends what was asked
 
 
 def test_ledger_composes_persists_and_declines(tmp_path) -> None:

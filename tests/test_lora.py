@@ -16,7 +16,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from fedgt.lora import (
+from fedgt.core.lora import (
     LoraSettings,
     attach_lora,
     discover_target_modules,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedgt.metrics import gain_ratio, per_domain, pooled_ratio, summarize
+from fedgt.core.metrics import gain_ratio, per_domain, pooled_ratio, summarize
 
 
 def test_gain_ratio_by_hand() -> None:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedgt.models import PAIRS, PRESETS, build_model, count_parameters, get_preset, load_model
-from fedgt.pretrain import PretrainData, length_bucketed_batches, prepare_preset, pretraining_corpus
-from fedgt.splits import make_domain_splits
-from fedgt.tasks import generate
-from fedgt.tokenizer import train_char_tokenizer
-from fedgt.world import make_world
+from fedgt.core.mixture import PretrainData
+from fedgt.core.models import PAIRS, PRESETS, build_model, count_parameters, get_preset, load_model
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.tasks import generate
+from fedgt.core.tokenizer import train_char_tokenizer
+from fedgt.core.world import make_world
+from fedgt.provider.pretrain import length_bucketed_batches, prepare_preset, pretraining_corpus
 
 
 def test_char_tokenizer_round_trips_and_reloads(tmp_path) -> None:

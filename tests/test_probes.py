@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fedgt.evaluate import greedy_answers
-from fedgt.judge import LLMJudge
-from fedgt.lora import LoraSettings, attach_lora
-from fedgt.models import load_model
-from fedgt.probes import probe_features, probe_prompts
-from fedgt.provider import task_shadow_domains
-from fedgt.updates import apply_update, unflatten
+from fedgt.core.evaluate import greedy_answers
+from fedgt.core.judge import LLMJudge
+from fedgt.core.lora import LoraSettings, attach_lora
+from fedgt.core.models import load_model
+from fedgt.core.updates import apply_update, unflatten
+from fedgt.provider.probes import probe_features, probe_prompts
+from fedgt.provider.public_data import task_shadow_domains
 
 
 def test_probe_features_follow_the_tuned_models_greedy_answers(toy_pair) -> None:

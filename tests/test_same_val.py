@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from fedgt.finetune import FinetuneConfig
-from fedgt.judge import LLMJudge
-from fedgt.lora import LoraSettings
-from fedgt.same_val import pick_domains, same_domain_val
-from fedgt.shadow import CurationConfig, curate, load_pairs
-from fedgt.tasks import generate, parse_domain
-from fedgt.train_gt import TrainConfig, gt_config_for, split_domains, train_gt
-from fedgt.world import make_world
+from fedgt.core.finetune import FinetuneConfig
+from fedgt.core.judge import LLMJudge
+from fedgt.core.lora import LoraSettings
+from fedgt.core.tasks import generate, parse_domain
+from fedgt.core.world import make_world
+from fedgt.provider.same_val import pick_domains, same_domain_val
+from fedgt.provider.shadow import CurationConfig, curate, load_pairs
+from fedgt.provider.train_gt import TrainConfig, gt_config_for, split_domains, train_gt
 
 WORLD = make_world(40, seed=0)
 NAMES = ["lookup/city/-/t0/f0", "string/upper/pet/t1/f2", "arith/last_digit/age/t0/f1", "lookup/pet/-/t2/f3"]

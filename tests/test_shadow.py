@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fedgt.finetune import FinetuneConfig
-from fedgt.lora import LoraSettings
-from fedgt.shadow import CurationConfig, curate, load_pairs, read_manifest
-from fedgt.tasks import generate, parse_domain
-from fedgt.world import make_world
+from fedgt.core.finetune import FinetuneConfig
+from fedgt.core.lora import LoraSettings
+from fedgt.core.tasks import generate, parse_domain
+from fedgt.core.world import make_world
+from fedgt.provider.shadow import CurationConfig, curate, load_pairs, read_manifest
 
 WORLD = make_world(40, seed=0)
 NAMES = ["lookup/city/-/t0/f0", "string/upper/pet/t1/f2", "arith/last_digit/age/t0/f1", "lookup/pet/-/t2/f3"]
@@ -69,7 +69,7 @@ def test_load_pairs_without_curation_says_what_to_do(tmp_path) -> None:
 
 
 def test_dp_recuration_reuses_the_llm_side(toy_pair, tmp_path) -> None:
-    from fedgt.privacy import DPConfig
+    from fedgt.core.dp import DPConfig
 
     cfg = _cfg(toy_pair)
     curate(_domains(NAMES[:2]), cfg, tmp_path / "plain", workers=1, progress=False)

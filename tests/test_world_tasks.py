@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from fedgt.splits import make_domain_splits
-from fedgt.tasks import (
+from fedgt.core.splits import make_domain_splits
+from fedgt.core.tasks import (
     ARITH_OPS,
     FAMILIES,
     SPLITS,
@@ -17,7 +17,7 @@ from fedgt.tasks import (
     parse_domain,
     split_people,
 )
-from fedgt.world import ATTRIBUTES, make_world, sample_bios
+from fedgt.core.world import ATTRIBUTES, make_world, sample_bios
 
 WORLD = make_world()
 
@@ -146,7 +146,7 @@ def test_task_domain_is_ordered_and_named() -> None:
 
 
 def test_arithmetic_drills_are_correct_and_never_name_a_person() -> None:
-    from fedgt.tasks import arithmetic_practice
+    from fedgt.core.tasks import arithmetic_practice
 
     drills = arithmetic_practice(200, seed=0)
     assert drills == arithmetic_practice(200, seed=0)

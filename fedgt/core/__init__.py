@@ -1,0 +1,1 @@
+"""What every party shares: models, data, LoRA, the update vector, the training loop, DP mechanisms."""

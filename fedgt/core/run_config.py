@@ -1,0 +1,343 @@
+"""The federation's run config: every ``[tool.flwr.app.config]`` knob, typed and validated in one place.
+
+Flower hands both apps ``context.run_config`` as a flat dict of dotted keys (``"dp.mode"``); this module
+turns it into frozen dataclasses, one per group (``model.*``, ``lora.*``, ``train.*``, ``dp.*``, ``gt.*``,
+``strategy.*``, ``data.*``, ``eval.*``, ``output.*``). A missing key takes its default below; an unknown key,
+a wrong type or a bad value raises ``ConfigError`` naming the key, before any round starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedgt.core.dp import DP_MODES, DPConfig
+from fedgt.core.finetune import FinetuneConfig
+from fedgt.core.lora import LoraSettings
+
+MODES = ("transform-then-aggregate", "aggregate-then-transform")
+ROUND_SCHEMES = ("retranslate", "merge", "naive")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
+SPACES = ("weights", "factors")
+SERVER_OPTS = ("none", "fedavgm", "fedadam")
+SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
+PARTITIONS = ("domain", "iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    num_organizations: int = 8  # the SuperNodes the server waits for (simulation: num-supernodes)
+    wait_s: float = 120.0  # how long to wait for them before failing with a clear message
+    num_server_rounds: int = 3
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    pair: str = "default"  # a preset pair (fedgt.core.models.PAIRS); model.tiny / model.llm override either side
+    tiny: str = ""  # a prepared preset name or a local Hugging Face model directory
+    llm: str = ""
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = 2
+    alpha: int = 32
+    targets: str = "q_proj,v_proj"
+    init_seed: int = 42
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPSection:
+    """What the server *requests*; each site grants it only within its own policy (``fedgt.org.policy``)."""
+
+    mode: str = "none"  # none | dp-sgd | update
+    epsilon: float = 8.0  # per round: DP-SGD target of one round's fine-tune, or ε of one update release
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # dp-sgd per-sample clip
+    update_clip: float = 1.0  # update-mode L2 clip
+
+
+@dataclass(frozen=True)
+class SimSitesSection:
+    """Simulation only: the policy of every emulated organization (a real site's comes from its node config)."""
+
+    dp_mode: str = "none"  # the DP mode a site requires; "none" grants any request
+    max_epsilon: float = 8.0  # the largest ε per round it grants
+    max_delta: float = 1e-5
+    budget: float = 24.0  # ε over all rounds (RDP); then it declines
+    release: str = "train-loss,tiny-test-loss,tiny-test-em"  # metrics it may send besides the always-sent ones
+    policy_file: str = ""  # a TOML file: [default] and [org-N] tables of site-policy keys, per organization
+    noise_seed: int = -1  # -1: secret noise; >= 0: reproducible DP noise (never private; logged as a warning)
+
+
+@dataclass(frozen=True)
+class GTSection:
+    checkpoint: str = ""  # a Grad-Transformer dir; "" = the provider default (curated + trained + cached on first use)
+    shadow_domains: int = 64  # provider default: how many built-in shadow domains it curates
+    epochs: int = 12  # provider default: GT training epochs
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 16  # organizations per GT forward pass (and per aggregation chunk)
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    mode: str = "transform-then-aggregate"
+    aggregator: str = "mean"
+    trim_beta: float = 0.1
+    norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each organization's contribution
+    rounds: str = "retranslate"  # retranslate | merge | naive (strategies/grad_transformer.py explains them)
+    space: str = "weights"  # aggregate the LLM updates' weight changes (exact) or their LoRA factors
+    server_opt: str = "none"
+    server_lr: float = 1.0
+    max_update_norm: float = 100.0  # replies whose TinyLM update has a larger L2 norm are rejected
+    max_num_examples: int = 1000  # an organization's aggregation weight is min(num-examples, this)
+    fraction_train: float = 1.0
+    central_dp: bool = False
+    central_dp_clip: float = 1.0
+    central_dp_noise_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""  # a folder with one subfolder of .txt/.jsonl files per organization; "" = built-in domains
+    setting: str = "same_distribution"
+    partition: str = "domain"
+    alpha: float = 0.5
+    n_train: int = 128
+    n_test: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    test_examples: int = 64  # per organization per round (server-side, simulation only)
+    public_examples: int = 128
+    client_test: bool = True  # ask for TinyLM test scores (sent only where policy releases them)
+    org_tests: bool = True  # simulation: the server rebuilds each organization's test split to score the LLM
+    ceiling: bool = True  # simulation: fine-tune the LLM on each organization's data once, for LGR
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: str = ""  # "" = $FEDGT_CACHE/runs/<timestamp>
+    merged: bool = False  # also save a merged copy of the final LLM
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Every knob of a federation run."""
+
+    federation: FederationSection = field(default_factory=FederationSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dp: DPSection = field(default_factory=DPSection)
+    sim_sites: SimSitesSection = field(default_factory=SimSitesSection)
+    gt: GTSection = field(default_factory=GTSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    # ---------------------------------------------------------------- derived library configs
+
+    def model_names(self) -> tuple[str, str]:
+        """(TinyLM, LLM): presets or local model directories."""
+        from fedgt.core.models import PAIRS
+
+        if self.model.pair and self.model.pair not in PAIRS:
+            raise ConfigError(f"run config 'model.pair' = {self.model.pair!r}: must be one of {sorted(PAIRS)}")
+        tiny, llm = PAIRS[self.model.pair] if self.model.pair else ("", "")
+        return self.model.tiny or tiny, self.model.llm or llm
+
+    def lora_settings(self) -> LoraSettings:
+        """The LoRA settings both models use."""
+        targets = tuple(t.strip() for t in self.lora.targets.split(",") if t.strip())
+        return LoraSettings(r=self.lora.r, alpha=self.lora.alpha, target_modules=targets,
+                            init_seed=self.lora.init_seed)
+
+    def finetune_config(self, round_seed: int = 0) -> FinetuneConfig:
+        """An organization's local fine-tune of one round."""
+        t = self.train
+        return FinetuneConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, max_length=t.max_length,
+                              seed=t.seed + round_seed)
+
+    def dp_config(self) -> DPConfig:
+        """The DP this run requests of each organization (a site grants it only within its policy)."""
+        d = self.dp
+        if d.mode == "none":
+            return DPConfig()
+        return DPConfig(mode=d.mode, epsilon=d.epsilon, delta=d.delta, max_grad_norm=d.max_grad_norm,
+                        update_clip=d.update_clip)
+
+
+# Flat run-config key -> (section, field). "num-server-rounds" is Flower's conventional top-level key.
+_SECTIONS = {f.name: f.type for f in fields(FedConfig)}
+_SPECIAL = {"num-server-rounds": ("federation", "num_server_rounds")}
+
+
+def _key_map() -> dict[str, tuple[str, str]]:
+    out = dict(_SPECIAL)
+    for sec in fields(FedConfig):
+        for f in fields(sec.default_factory()):  # type: ignore[misc]
+            if (sec.name, f.name) in _SPECIAL.values():
+                continue
+            out[f"{sec.name.replace('_', '-')}.{f.name.replace('_', '-')}"] = (sec.name, f.name)
+    return out
+
+
+KEYS = _key_map()
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """The value in the type of the field's default, or a ConfigError naming the key."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run config '{key}': expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _check(cfg: FedConfig) -> None:
+    """Value checks; each failure names its key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            section, name = KEYS[key]
+            value = getattr(getattr(cfg, section), name)
+            raise ConfigError(f"run config '{key}' = {value!r}: {what}")
+
+    f, t, d, g, s, da, e = cfg.federation, cfg.train, cfg.dp, cfg.gt, cfg.strategy, cfg.data, cfg.eval
+    need(f.num_organizations >= 1, "federation.num-organizations", "must be >= 1")
+    need(f.wait_s > 0, "federation.wait-s", "must be > 0")
+    need(f.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+    need(bool(cfg.model.pair) or (bool(cfg.model.tiny) and bool(cfg.model.llm)), "model.pair",
+         "give a pair or both model.tiny and model.llm")
+    cfg.model_names()
+    need(cfg.lora.r >= 1, "lora.r", "must be >= 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(any(x.strip() for x in cfg.lora.targets.split(",")), "lora.targets", "name at least one module")
+    need(t.steps >= 1, "train.steps", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.batch_size >= 1, "train.batch-size", "must be >= 1")
+    need(t.max_length >= 2, "train.max-length", "must be >= 2")
+    need(d.mode in DP_MODES, "dp.mode", f"must be one of {DP_MODES}")
+    need(d.epsilon > 0, "dp.epsilon", "must be > 0")
+    need(0 < d.delta < 1, "dp.delta", "must be in (0, 1)")
+    need(d.max_grad_norm > 0, "dp.max-grad-norm", "must be > 0")
+    need(d.update_clip > 0, "dp.update-clip", "must be > 0")
+    ss = cfg.sim_sites
+    need(ss.dp_mode in DP_MODES, "sim-sites.dp-mode", f"must be one of {DP_MODES}")
+    need(ss.max_epsilon > 0, "sim-sites.max-epsilon", "must be > 0")
+    need(0 < ss.max_delta < 1, "sim-sites.max-delta", "must be in (0, 1)")
+    need(ss.budget > 0, "sim-sites.budget", "must be > 0")
+    need(ss.noise_seed >= -1, "sim-sites.noise-seed", "must be -1 (secret) or a seed >= 0")
+    need(not ss.policy_file or Path(ss.policy_file).is_file(), "sim-sites.policy-file", "is not a file")
+    need(g.shadow_domains >= 4, "gt.shadow-domains", "must be >= 4")
+    need(g.epochs >= 1, "gt.epochs", "must be >= 1")
+    need(g.device in ("auto", "cpu", "cuda"), "gt.device", "must be auto, cpu or cuda")
+    need(g.batch_size >= 1, "gt.batch-size", "must be >= 1")
+    need(not g.checkpoint or Path(g.checkpoint).is_dir(), "gt.checkpoint",
+         "is not a directory (a `fedgt train-gt` or `fedgt provide` output)")
+    need(s.mode in MODES, "strategy.mode", f"must be one of {MODES}")
+    need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
+    need(0 <= s.trim_beta < 0.5, "strategy.trim-beta", "must be in [0, 0.5)")
+    need(s.norm_bound > 0, "strategy.norm-bound", "must be > 0")
+    need(s.rounds in ROUND_SCHEMES, "strategy.rounds", f"must be one of {ROUND_SCHEMES}")
+    need(s.space in SPACES, "strategy.space", f"must be one of {SPACES}")
+    need(s.space == "factors" or s.rounds == "retranslate", "strategy.space",
+         "'weights' needs strategy.rounds = 'retranslate'")
+    need(s.server_opt in SERVER_OPTS, "strategy.server-opt", f"must be one of {SERVER_OPTS}")
+    need(s.server_lr > 0, "strategy.server-lr", "must be > 0")
+    need(s.max_update_norm > 0, "strategy.max-update-norm", "must be > 0")
+    need(s.max_num_examples >= 1, "strategy.max-num-examples", "must be >= 1")
+    need(0 < s.fraction_train <= 1, "strategy.fraction-train", "must be in (0, 1]")
+    need(s.central_dp_clip > 0, "strategy.central-dp-clip", "must be > 0")
+    need(s.central_dp_noise_multiplier > 0, "strategy.central-dp-noise-multiplier", "must be > 0")
+    need(not s.central_dp or s.aggregator == "mean", "strategy.central-dp",
+         "central DP needs strategy.aggregator = 'mean' (its noise is calibrated to a clipped plain mean)")
+    need(da.setting in SETTINGS, "data.setting", f"must be one of {SETTINGS}")
+    need(da.partition in PARTITIONS, "data.partition", f"must be one of {PARTITIONS}")
+    need(da.alpha > 0, "data.alpha", "must be > 0")
+    need(da.n_train >= 1, "data.n-train", "must be >= 1")
+    need(da.n_test >= 1, "data.n-test", "must be >= 1")
+    need(not da.path or Path(da.path).is_dir(), "data.path", "is not a directory")
+    need(e.test_examples >= 1, "eval.test-examples", "must be >= 1")
+    need(e.public_examples >= 1, "eval.public-examples", "must be >= 1")
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedConfig:
+    """Typed, validated config from Flower's flat ``run_config`` (missing keys take defaults)."""
+    unknown = sorted(k for k in run_config if k not in KEYS)
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(KEYS)}")
+    defaults = FedConfig()
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in run_config.items():
+        section, name = KEYS[key]
+        values[section][name] = _coerce(key, value, getattr(getattr(defaults, section), name))
+    cfg = FedConfig(**{name: dataclasses.replace(getattr(defaults, name), **v) for name, v in values.items()})
+    _check(cfg)
+    return cfg
+
+
+def to_run_config(cfg: FedConfig) -> dict[str, Any]:
+    """The flat run config of a FedConfig (inverse of ``from_run_config``)."""
+    return {key: getattr(getattr(cfg, section), name) for key, (section, name) in KEYS.items()}
+
+
+def load_toml(path: str | Path, base: Mapping[str, Any] | None = None) -> FedConfig:
+    """A scenario file (flat ``key = value`` lines, as for ``flwr run --run-config FILE``) over ``base``."""
+    path = Path(path)
+    try:
+        overrides = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read run config: {err}") from err
+    flat = _flatten(overrides)
+    try:
+        return from_run_config({**(base or {}), **flat})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def pyproject_run_config(path: str | Path = "pyproject.toml") -> dict[str, Any]:
+    """The app's ``[tool.flwr.app.config]`` as Flower flattens it."""
+    data = tomllib.loads(Path(path).read_text())
+    return _flatten(data["tool"]["flwr"]["app"]["config"])
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

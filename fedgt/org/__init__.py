@@ -1,0 +1,1 @@
+"""What runs at an organization's site: its policy, private fine-tune, ledger, release, ClientApp."""

@@ -1,0 +1,95 @@
+"""An organization's privacy ledger: what it has spent across rounds, persisted, composed with RDP.
+
+Each round's release is one or more Gaussian mechanisms, recorded as Opacus accountant history entries
+``(noise_multiplier, sample_rate, steps)``: a DP-SGD fine-tune is ``(σ, q, steps)``; an update-level
+release (clip C, sensitivity 2C, noise std s) is ``(s / 2C, 1.0, 1)``. The total ε over all rounds is Opacus' RDP
+accountant over the whole history — tighter than adding per-round ε. Before a round, the organization asks
+whether the round's mechanism still fits its budget; if not, it declines the round and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedgt.core.dp import (
+    DPConfig,
+    Mechanism,
+    dp_sgd_noise_multiplier,
+    dp_sgd_sample_rate,
+    gaussian_noise_multiplier,
+    rdp_epsilon,
+)
+
+
+class BudgetExceeded(RuntimeError):
+    """The next round would spend more ε than the organization allows."""
+
+
+def round_mechanisms(dp: DPConfig, num_examples: int, batch_size: int, steps: int) -> list[Mechanism]:
+    """The mechanisms one round's fine-tune will run, known before it runs (as ``fedgt.core.dp`` sets them up)."""
+    if dp.mode == "none":
+        return []
+    if dp.mode == "update":
+        assert dp.epsilon is not None
+        return [(gaussian_noise_multiplier(dp.epsilon, dp.delta), 1.0, 1)]  # σ / sensitivity (2C)
+    sample_rate = dp_sgd_sample_rate(num_examples, batch_size)
+    return [(dp_sgd_noise_multiplier(dp, sample_rate, steps), sample_rate, steps)]
+
+
+@dataclass
+class PrivacyLedger:
+    """ε spent by one organization, stored as a JSON file that survives restarts."""
+
+    path: Path
+    budget: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.budget > 0 or not 0 < self.delta < 1:
+            raise ValueError(f"ledger: budget must be > 0 and delta in (0, 1), got {self.budget}, {self.delta}")
+        self.history: list[Mechanism] = []
+        self.rounds: list[dict] = []
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                self.history = [tuple(h) for h in data["history"]]  # type: ignore[misc]
+                self.rounds = list(data["rounds"])
+                stored_delta = float(data["delta"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{self.path}: corrupt privacy ledger ({err}); refusing to guess what was spent") \
+                    from err
+            if stored_delta != self.delta:
+                raise ValueError(f"{self.path}: ledger kept at delta={stored_delta}, asked for delta={self.delta}")
+
+    def spent(self) -> float:
+        """ε spent so far."""
+        return rdp_epsilon(self.history, self.delta)
+
+    def projected(self, mechanisms: list[Mechanism]) -> float:
+        """ε after also running ``mechanisms``."""
+        return rdp_epsilon(self.history + list(mechanisms), self.delta)
+
+    def check(self, mechanisms: list[Mechanism]) -> float:
+        """The projected ε, or ``BudgetExceeded`` if it is over the budget."""
+        after = self.projected(mechanisms)
+        if after > self.budget:
+            raise BudgetExceeded(f"privacy budget: this round would bring ε from {self.spent():.3f} to {after:.3f} "
+                                 f"(δ={self.delta:g}), over the budget ε={self.budget:g}; declining the round")
+        return after
+
+    def record(self, mechanisms: list[Mechanism], server_round: int, note: dict | None = None) -> float:
+        """Add one round's mechanisms, persist atomically, and return the total ε."""
+        self.history += [tuple(m) for m in mechanisms]  # type: ignore[misc]
+        total = self.spent()
+        self.rounds.append({"round": server_round, "mechanisms": [list(m) for m in mechanisms],
+                            "epsilon_total": total, **(note or {})})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"budget": self.budget, "delta": self.delta, "history": self.history,
+                                   "rounds": self.rounds}, indent=1))
+        os.replace(tmp, self.path)
+        return total

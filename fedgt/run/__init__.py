@@ -1,0 +1,1 @@
+"""How runs are started: the simulation runner, the demo and the `fedgt` command line."""

@@ -1,0 +1,92 @@
+"""Server-side evaluation of the shared LLM after each round (it never leaves the server).
+
+Scores the LLM (base + folded-in rounds + current adapter) on the public validation text always, and in
+simulation on each organization's held-out test split — all sets in one grouped forward pass
+(``fedgt.core.judge``). Optionally fine-tunes the LLM directly on each organization's data once (the ceiling of
+LGR; simulation only: in a real federation that data never reaches the server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedgt.core.data import DomainData
+from fedgt.core.examples import Example
+from fedgt.core.finetune import FinetuneConfig
+from fedgt.core.judge import LLMJudge
+from fedgt.core.lora import LoraSettings, merge_into_base
+from fedgt.core.metrics import pooled_ratio
+from fedgt.core.updates import flatten
+from fedgt.provider.shadow import LoraTuner
+from fedgt.server.global_adapter import GlobalAdapter
+
+
+class LLMEvaluator:
+    """Scores a GlobalAdapter's LLM on the organizations' test splits and on public text."""
+
+    def __init__(self, llm_model: str, lora: LoraSettings, orgs: Sequence[DomainData], public: Sequence[Example],
+                 test_examples: int = 64, device: str | torch.device = "cpu", max_length: int = 96):
+        self.judge = LLMJudge(llm_model, lora, device=device, max_length=max_length)
+        self.llm_model = llm_model
+        self.lora = lora
+        self.org_names = [o.name for o in orgs]
+        self.org_tests = [list(o.test[:test_examples]) for o in orgs]
+        self.public = list(public)
+        self.folded = 0
+        self._base_weights: dict[str, torch.Tensor] | None = None  # weights space: the untouched base, to reset
+        self.base_scores: list[dict] | None = None
+        self.ceiling: list[dict] | None = None
+
+    @torch.no_grad()
+    def _set_dense(self, change: dict[str, torch.Tensor]) -> None:
+        """Weights space: base weights + the dense change (reset from the untouched base each time)."""
+        modules = dict(self.judge.model.named_modules())
+        layers = {m: modules["base_model.model." + m].base_layer for m in change}
+        if self._base_weights is None:
+            self._base_weights = {m: layer.weight.detach().clone() for m, layer in layers.items()}
+        for m, layer in layers.items():
+            layer.weight.copy_(self._base_weights[m] + change[m].to(layer.weight))
+
+    @torch.no_grad()
+    def __call__(self, adapter: GlobalAdapter, dense: dict[str, torch.Tensor] | None = None) -> dict:
+        """Per-organization and pooled scores, plus LGR against the base (and the ceiling when computed).
+
+        ``dense`` (weights space): the LLM is base + these dense changes, and the adapter's factors are unused.
+        """
+        if dense is not None:
+            self._set_dense(dense)
+            delta = {k: torch.zeros_like(v) for k, v in adapter.init.items()}
+        else:
+            for piece in adapter.merged[self.folded:]:
+                merge_into_base(self.judge.model, piece, self.lora.scaling)
+                self.folded += 1
+            delta = {k: adapter.current[k] - self.judge.init[k].cpu() for k in adapter.spec.keys}
+        sets = [*self.org_tests, self.public]
+        tokens = flatten(delta, adapter.spec).unsqueeze(0).expand(len(sets), -1, -1)
+        scores = self.judge.score(tokens, sets)
+        orgs, public = scores[:-1], scores[-1]
+        if self.base_scores is None:
+            self.base_scores = orgs
+        out: dict = {"public-loss": public["loss"]}
+        if orgs:
+            out["org-loss"] = sum(s["loss"] for s in orgs) / len(orgs)
+            if all("exact_match" in s for s in orgs):
+                out["org-em"] = sum(s["exact_match"] for s in orgs) / len(orgs)
+            if self.ceiling is not None:
+                for key, name in (("loss", "lgr"), ("exact_match", "lgr-em")):
+                    if all(key in s for s in orgs + self.base_scores + self.ceiling):
+                        ps, lo, hi = ([s[key] for s in x] for x in (orgs, self.base_scores, self.ceiling))
+                        out[name] = pooled_ratio(ps, lo, hi)
+        out["orgs"] = {n: s for n, s in zip(self.org_names, orgs, strict=True)}
+        return out
+
+    def compute_ceiling(self, orgs: Sequence[DomainData], finetune_cfg: FinetuneConfig) -> list[dict]:
+        """The LLM fine-tuned directly on each organization's train split, scored on its test split (call first)."""
+        if self.folded:
+            raise RuntimeError("compute_ceiling must run before any round is folded into the LLM")
+        tuner = LoraTuner(self.llm_model, self.lora)
+        tokens = torch.stack([tuner.tokens(tuner.run(list(o.train), finetune_cfg).update) for o in orgs])
+        self.ceiling = self.judge.score(tokens, self.org_tests)
+        return self.ceiling

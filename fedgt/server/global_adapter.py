@@ -1,0 +1,170 @@
+"""The server's view of one shared model across rounds: its LoRA factors, and the rounds folded into its base.
+
+Two round schemes (``strategy.rounds``):
+- ``naive``: one adapter accumulates every round's update (FedAvg of LoRA); later rounds start from factors the
+  Grad-Transformer never saw in training.
+- ``merge``: at the end of each round the round's adapter is folded into the base weights and the next round
+  starts again from the seeded init, so every update the GT maps is "from the seeded init on (nearly) the base
+  model", the regime it was trained on.
+
+Either way the model equals base + sum over pieces of scaling * B_i @ A_i. Concatenating the pieces gives one
+LoRA adapter of rank r * k with alpha * k (same scaling), which is how the final LLM is saved: a standard peft
+adapter directory that loads with ``PeftModel.from_pretrained`` on the untouched base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedgt.core.lora import A_SUFFIX, B_SUFFIX, LoraSettings
+from fedgt.core.updates import UpdateSpec
+
+
+def module_names(spec: UpdateSpec) -> list[str]:
+    """The LoRA-wrapped module paths of a spec, in spec order."""
+    return [k.removesuffix(A_SUFFIX) for k in spec.keys if k.endswith(A_SUFFIX)]
+
+
+def concat_pieces(pieces: list[Mapping[str, torch.Tensor]], spec: UpdateSpec) -> dict[str, torch.Tensor]:
+    """Rank-r pieces as one rank-(r * len(pieces)) set of factors: A stacked by rows, B by columns."""
+    out = {}
+    for m in module_names(spec):
+        out[m + A_SUFFIX] = torch.cat([p[m + A_SUFFIX] for p in pieces], 0)
+        out[m + B_SUFFIX] = torch.cat([p[m + B_SUFFIX] for p in pieces], 1)
+    return out
+
+
+class GlobalAdapter:
+    """One shared model's LoRA state: the current factors and the pieces already folded into the base."""
+
+    def __init__(self, spec: UpdateSpec, init: Mapping[str, torch.Tensor], lora: LoraSettings, scheme: str = "merge"):
+        if scheme not in ("merge", "naive"):
+            raise ValueError(f"round scheme must be 'merge' or 'naive', got {scheme!r}")
+        self.spec, self.lora, self.scheme = spec, lora, scheme
+        self.init = {k: v.detach().float().clone() for k, v in init.items()}
+        self.current = {k: v.clone() for k, v in self.init.items()}
+        self.merged: list[dict[str, torch.Tensor]] = []
+
+    def add(self, delta: Mapping[str, torch.Tensor]) -> None:
+        """current += delta (an update in this model's spec)."""
+        for k in self.spec.keys:
+            self.current[k] = self.current[k] + delta[k].float()
+
+    def end_round(self) -> dict[str, torch.Tensor] | None:
+        """Merge scheme: fold the current factors into the base, restart at the init; returns the folded piece."""
+        if self.scheme != "merge":
+            return None
+        piece = self.current
+        self.merged.append(piece)
+        self.current = {k: v.clone() for k, v in self.init.items()}
+        return piece
+
+    def base_factors(self) -> dict[str, torch.Tensor]:
+        """Everything folded into the base so far as one set of factors (empty before the first merge)."""
+        return concat_pieces(self.merged, self.spec) if self.merged else {}
+
+    def pieces(self) -> list[dict[str, torch.Tensor]]:
+        """All the rank-r pieces whose sum is the model's change from its base."""
+        return [*self.merged, self.current]
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (for round checkpoints)."""
+        return {"current": self.current, "merged": self.merged, "scheme": self.scheme}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a ``state_dict``."""
+        self.current = {k: v.clone() for k, v in state["current"].items()}
+        self.merged = [{k: v.clone() for k, v in p.items()} for p in state["merged"]]
+
+    def save_peft(self, base_model_spec: str, out: Path, merged_copy: bool = False) -> Path:
+        """Save as a standard peft LoRA adapter (rank r * pieces) for ``PeftModel.from_pretrained(base, out)``."""
+        import peft
+
+        from fedgt.core.lora import discover_target_modules, set_lora_parameters
+        from fedgt.core.models import load_model
+
+        pieces = self.pieces()
+        model, tokenizer = load_model(base_model_spec)
+        config = peft.LoraConfig(r=self.lora.r * len(pieces), lora_alpha=self.lora.alpha * len(pieces),
+                                 target_modules=discover_target_modules(model, self.lora.target_modules),
+                                 bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+        peft_model = peft.get_peft_model(model, config)
+        set_lora_parameters(peft_model, concat_pieces(pieces, self.spec))
+        out = Path(out)
+        peft_model.save_pretrained(out)
+        if merged_copy:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+        return out
+
+
+# --- weight space -------------------------------------------------------------------------------------------------
+# Averaging LoRA factors (mean of B times mean of A) is not the mean of the weight changes B_i @ A_i; across
+# organizations on different data the cross terms cancel most of the signal. In weight space the server keeps
+# one dense change per adapted module instead: memory O(adapted weights), independent of how many organizations.
+
+
+def dense_change(factors: Mapping[str, torch.Tensor], spec: UpdateSpec, scaling: float) -> dict[str, torch.Tensor]:
+    """scaling * B @ A per LoRA module (absolute factors), as dense (out, in) matrices."""
+    return {m: scaling * factors[m + B_SUFFIX].float() @ factors[m + A_SUFFIX].float() for m in module_names(spec)}
+
+
+def dense_shapes(spec: UpdateSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA module's weight."""
+    shapes = dict(zip(spec.keys, spec.shapes, strict=True))
+    return {m: (shapes[m + B_SUFFIX][0], shapes[m + A_SUFFIX][1]) for m in module_names(spec)}
+
+
+def dense_to_vector(change: Mapping[str, torch.Tensor], spec: UpdateSpec) -> torch.Tensor:
+    """Dense changes flattened in spec module order."""
+    return torch.cat([change[m].reshape(-1) for m in module_names(spec)])
+
+
+def vector_to_dense(vector: torch.Tensor, spec: UpdateSpec) -> dict[str, torch.Tensor]:
+    """Inverse of ``dense_to_vector``."""
+    out, start = {}, 0
+    for m, (o, i) in dense_shapes(spec).items():
+        out[m] = vector[start:start + o * i].reshape(o, i)
+        start += o * i
+    if start != vector.numel():
+        raise ValueError(f"dense vector has {vector.numel()} values, the spec's modules take {start}")
+    return out
+
+
+def dense_as_lora(change: Mapping[str, torch.Tensor], rtol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
+    """Exact LoRA factors (scaling 1) of dense changes by SVD at the smallest rank keeping them all; (factors, r)."""
+    svds = {m: torch.linalg.svd(w.double(), full_matrices=False) for m, w in change.items()}
+    rank = max(1, max(int((s > rtol * max(float(s[0]), 1e-30)).sum()) for _, s, _ in svds.values()))
+    factors = {}
+    for m, (u, s, vh) in svds.items():
+        root = s[:rank].sqrt()
+        factors[m + B_SUFFIX] = (u[:, :rank] * root).float()
+        factors[m + A_SUFFIX] = (root[:, None] * vh[:rank]).float()
+    return factors, rank
+
+
+def save_dense_peft(change: Mapping[str, torch.Tensor], base_model_spec: str, lora: LoraSettings, out: Path,
+                    merged_copy: bool = False) -> Path:
+    """Dense changes saved as a standard peft LoRA adapter (exact: rank by SVD, alpha = r so scaling is 1)."""
+    import peft
+
+    from fedgt.core.lora import discover_target_modules, set_lora_parameters
+    from fedgt.core.models import load_model
+
+    factors, rank = dense_as_lora(change)
+    model, tokenizer = load_model(base_model_spec)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=discover_target_modules(model,
+                             lora.target_modules), bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+    peft_model = peft.get_peft_model(model, config)
+    set_lora_parameters(peft_model, factors)
+    out = Path(out)
+    peft_model.save_pretrained(out)
+    if merged_copy:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    return out

@@ -1,0 +1,75 @@
+"""The federation's results table and plot, from the ServerApp's per-round rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mean(rows: list[dict] | None, key: str) -> float | None:
+    vals = [r[key] for r in rows or [] if key in r]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or x != x:  # missing or NaN (e.g. LGR when the ceiling does not move)
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def results_table(rows: list[dict], base: list[dict] | None, ceiling: list[dict] | None, wall_s: float, cfg) -> str:
+    """Markdown: the LLM after each round on the organizations' test splits, with the references."""
+    s = cfg.strategy
+    lines = [f"## Federation: {cfg.federation.num_organizations} organizations, {cfg.federation.num_server_rounds} "
+             f"rounds, {s.mode}, {s.aggregator}, rounds={s.rounds}, dp={cfg.dp.mode}"
+             + (f" (ε={cfg.dp.epsilon:g}/round)" if cfg.dp.mode != "none" else "")
+             + (", central DP" if s.central_dp else ""), "",
+             "| LLM after round | org test loss | org test EM | LGR (EM) | LGR (loss) | public loss | accepted | "
+             "rejected | declined | server s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e, m, trained = r["eval"], r["log"].get("metrics", {}), r["round"] > 0
+        name = str(r["round"]) if trained else "0 (untuned LLM)"
+        counts = " | ".join(str(m.get(k, "-")) if trained else "-" for k in ("accepted", "rejected", "declined"))
+        lines.append(f"| {name} | {_fmt(e.get('org-loss'))} | {_fmt(e.get('org-em'), True)} | "
+                     f"{_fmt(e.get('lgr-em'), True)} | {_fmt(e.get('lgr'), True)} | {_fmt(e.get('public-loss'))} | "
+                     f"{counts} | {_fmt(m.get('server-seconds')) if trained else '-'} |")
+    last = next((r["log"].get("metrics", {}) for r in reversed(rows) if r["round"] > 0), {})
+    lines += ["", "| reference | org test loss | org test EM |", "|---|---|---|"]
+    if "tiny-test-loss" in last:
+        lines.append(f"| TinyLM fine-tuned by each organization (last round) | {_fmt(last.get('tiny-test-loss'))} | "
+                     f"{_fmt(last.get('tiny-test-em'), True)} |")
+    if ceiling:
+        lines.append(f"| LLM fine-tuned directly on each organization's data (ceiling; simulation only) | "
+                     f"{_fmt(_mean(ceiling, 'loss'))} | {_fmt(_mean(ceiling, 'exact_match'), True)} |")
+    if "dp-epsilon-total-max" in last:
+        lines.append(f"\nprivacy: largest ε spent by an organization {last['dp-epsilon-total-max']:.2f} "
+                     f"(as each reported it at its own δ; each site keeps its own budget)")
+    if "dp-central-run-epsilon" in last:
+        lines.append(f"\ncentral DP: run ε {last['dp-central-run-epsilon']:.2f} (δ={cfg.dp.delta:g})")
+    lines.append(f"\nLGR = (P - P_untuned_LLM) / (P_LLM_fine-tuned - P_untuned_LLM), pooled over organizations. "
+                 f"Federation wall time {wall_s:.0f} s.")
+    return "\n".join(lines)
+
+
+def plot_rounds(rows: list[dict], ceiling: list[dict] | None, path: Path) -> None:
+    """Organizations' test EM (or loss) of the LLM per round, with the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "org-em" if all("org-em" in r["eval"] for r in rows) else "org-loss"
+    xs = [r["round"] for r in rows if key in r["eval"]]
+    if not xs:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(xs, [r["eval"][key] for r in rows if key in r["eval"]], marker="o", label="shared LLM")
+    ref = _mean(ceiling, "exact_match" if key == "org-em" else "loss")
+    if ref is not None:
+        ax.axhline(ref, ls="--", color="gray", label="LLM fine-tuned directly")
+    ax.set_xlabel("round")
+    ax.set_ylabel("organizations' test " + ("exact match" if key == "org-em" else "loss"))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,191 @@
+"""Flower ServerApp: load the Grad-Transformer and the base models, run the rounds, evaluate and save the LLM.
+
+Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-run<id>``): ``metrics.jsonl``
+(one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why),
+``metrics.png``, ``results.md`` (the table the demo prints), ``checkpoints/round-N.pt`` and the final LLM as a
+peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
+``output.merged``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedgt.core.identity import MODEL_KEYS, IdentityMismatch, model_identity, verify_identity
+from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
+from fedgt.core.models import cache_dir, load_model
+from fedgt.core.org_data import simulated_organizations
+from fedgt.core.run_config import FedConfig, from_run_config
+from fedgt.core.updates import spec_of
+from fedgt.provider.provision import provide, provider_config_for, published_identity, resolve_model
+from fedgt.server.evaluation import LLMEvaluator
+from fedgt.server.global_adapter import save_dense_peft
+from fedgt.server.report import plot_rounds, results_table
+from fedgt.server.translator import Translator, finetune_from_json, lora_from_json
+from strategies.central_dp import CentralDP
+from strategies.grad_transformer import GradTransformerStrategy
+from strategies.server_opt import ServerOptimizer
+
+log = logging.getLogger("fedgt.server")
+app = ServerApp()
+
+
+def output_dir(cfg: FedConfig, run_id: int) -> Path:
+    """Where this run writes (created)."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
+    out = Path(cfg.output.dir) if cfg.output.dir else cache_dir() / "runs" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def gt_checkpoint(cfg: FedConfig) -> Path:
+    """The Grad-Transformer to use: the configured one, or the provider default (built and cached on first use)."""
+    return Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(provider_config_for(cfg))
+
+
+def check_provider_match(cfg: FedConfig, meta: dict) -> list[str]:
+    """Where the organizations' settings differ from what the GT was trained on (warnings, not errors)."""
+    notes = []
+    if lora_from_json(meta["lora"]) != cfg.lora_settings():
+        notes.append(f"LoRA {cfg.lora_settings()} differs from the GT's {meta['lora']}")
+    ft = finetune_from_json(meta["finetune"])
+    ours = cfg.finetune_config()
+    if (ft.steps, ft.lr, ft.batch_size) != (ours.steps, ours.lr, ours.batch_size):
+        notes.append(f"local fine-tuning (steps {ours.steps}, lr {ours.lr}, batch {ours.batch_size}) differs from the "
+                     f"GT's curation (steps {ft.steps}, lr {ft.lr}, batch {ft.batch_size}): updates will be off its "
+                     "training distribution")
+    return notes
+
+
+def tiny_identity(meta: dict, tiny_model: str, lora: LoraSettings) -> dict[str, str] | None:
+    """The server's TinyLM identity, checked against the one the provider published; fails fast on another TinyLM."""
+    path = Path(tiny_model)
+    if not path.is_dir():
+        log.warning("TinyLM %s is no model directory: no identity to send, organizations' TinyLMs go unchecked",
+                    tiny_model)
+        return None
+    ours = model_identity(path, lora)
+    published = published_identity(meta)
+    if published is None:
+        log.warning("the Grad-Transformer's provider.json publishes no TinyLM identity (written before manifests): "
+                    "organizations are checked against the server's own TinyLM %s, which nothing verifies", path)
+        return ours
+    # LoRA settings that differ from the GT's are check_provider_match's warning; the same settings must give the
+    # same seeded init, else this peft/torch builds other initial factors than the ones the GT was trained from.
+    keys = MODEL_KEYS + (("lora-init",) if published.get("lora") == ours["lora"] else ())
+    try:
+        verify_identity(published, ours, keys)
+    except IdentityMismatch as err:
+        raise IdentityMismatch(f"the server's TinyLM {path} is not the one the Grad-Transformer was trained on "
+                               f"(model.tiny must name the provider's published TinyLM): {err}", err.fields) from err
+    return ours
+
+
+def wait_for_organizations(grid: Grid, cfg: FedConfig) -> int:
+    """Wait up to federation.wait-s for federation.num-organizations nodes; fail with the fix otherwise."""
+    want, deadline = cfg.federation.num_organizations, time.monotonic() + cfg.federation.wait_s
+    while (have := len(list(grid.get_node_ids()))) < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {have} of federation.num-organizations={want} organizations connected within "
+                f"{cfg.federation.wait_s:g} s. In simulation run `flwr run . --federation-config "
+                f"\"num-supernodes={want}\"` (or `fedgt federate`, which sets it); at partner sites start {want} "
+                "SuperNodes or lower federation.num-organizations")
+        time.sleep(0.5)
+    return have
+
+
+def _model_state(name: str, lora) -> tuple:
+    model = attach_lora(load_model(name)[0], lora)
+    return spec_of(model), lora_parameters(model)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the whole federation."""
+    cfg = from_run_config(context.run_config)
+    out = output_dir(cfg, context.run_id)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
+    lora = cfg.lora_settings()
+    gt_dir = gt_checkpoint(cfg)
+    translator = Translator(gt_dir, cfg.gt.device, tiny_model=tiny_name)
+    for note in check_provider_match(cfg, translator.meta):
+        log.warning("Grad-Transformer %s: %s", gt_dir, note)
+    identity = tiny_identity(translator.meta, tiny_name, lora)  # sent with every train message for sites to check
+    tiny_spec, tiny_init = _model_state(tiny_name, lora)
+    llm_spec, llm_init = _model_state(llm_name, lora)
+    translator.check_specs(tiny_spec, llm_spec)
+
+    # Evaluation: organizations' test splits exist on the server only in simulation.
+    n_orgs = cfg.federation.num_organizations
+    orgs = list(simulated_organizations(cfg, n_orgs)) if cfg.eval.org_tests else []
+    from fedgt.core.data import public_text_domains
+
+    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
+    evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
+                             cfg.train.max_length)
+    if orgs and cfg.eval.ceiling:
+        log.info("simulation only: fine-tuning the LLM on each organization's data for the LGR ceiling")
+        evaluator.compute_ceiling(orgs, cfg.finetune_config())
+
+    s = cfg.strategy
+    central = CentralDP(s.central_dp_clip, s.central_dp_noise_multiplier, cfg.dp.delta) if s.central_dp else None
+    strategy = GradTransformerStrategy(
+        translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init, llm_init=llm_init,
+        lora=lora, mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta, norm_bound=s.norm_bound,
+        rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
+        max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
+        max_num_examples=float(s.max_num_examples),
+        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
+        min_train_nodes=max(1, int(n_orgs * s.fraction_train)), tiny_identity=identity)
+    wait_for_organizations(grid, cfg)
+
+    rows: list[dict] = []
+
+    def evaluate(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+        t0 = time.perf_counter()
+        scores = evaluator(strategy.llm, strategy.llm_weight_change())
+        row = {"round": server_round, "eval": scores, "eval_s": time.perf_counter() - t0,
+               "log": strategy.round_log.get(server_round, {})}
+        rows.append(row)
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if server_round > 0:
+            ckpt = out / "checkpoints" / f"round-{server_round}.pt"
+            ckpt.parent.mkdir(exist_ok=True)
+            torch.save({"llm": strategy.llm.state_dict(), "tiny": strategy.tiny.state_dict(),
+                        "llm_weight_change": strategy.llm_weight_change(),
+                        "server_opt": strategy.server_opt.state_dict(), "round": server_round,
+                        "central_dp": strategy.central_dp.state_dict() if strategy.central_dp else None}, ckpt)
+        log.info("round %d: %s", server_round, {k: v for k, v in scores.items() if k != "orgs"})
+        return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, int | float)})
+
+    t0 = time.time()
+    strategy.start(grid=grid, initial_arrays=strategy.current_arrays(), num_rounds=cfg.federation.num_server_rounds,
+                   train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    wall = time.time() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    (out / "summary.json").write_text(json.dumps({
+        "wall_s": wall, "server_peak_rss_mb": peak_mb, "rounds": cfg.federation.num_server_rounds,
+        "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {},
+        "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0}}, indent=1,
+        default=float))
+    change = strategy.llm_weight_change()
+    adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged) if change is None \
+        else save_dense_peft(change, llm_name, lora, out / "llm_adapter", merged_copy=cfg.output.merged)
+    ceiling = evaluator.ceiling
+    table = results_table(rows, evaluator.base_scores, ceiling, wall, cfg)
+    (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n")
+    plot_rounds(rows, ceiling, out / "metrics.png")
+    print(table, flush=True)
+    print(f"outputs: {out}", flush=True)

@@ -1,0 +1,1 @@
+"""Benchmarks, their benchmark-only code (baselines, proxy-tuning, simulated organizations) and scenario files."""
