@@ -345,10 +345,10 @@ def multi_org(args, domains: list[DomainData], orgs: dict, gt, tiny_judge: LLMJu
     ``aggregate_then_transform`` (the paper's; compatible with secure aggregation): GT(mean TinyLM update).
     ``transform_then_aggregate``: mean of GT(each update). ``central_dp_eps*``: each TinyLM update clipped to
     C (the median norm of the public shadow TinyLM updates, a data-free choice), the mean noised once with the
-    Gaussian mechanism for sensitivity C/M, then one GT pass. Ceiling ``llm_ft``: the LLM fine-tuned on the union
+    RDP-calibrated Gaussian mechanism for sensitivity C/M, one GT pass. Ceiling ``llm_ft``: the LLM tuned on the union
     of the group's private data (simulation only). PGR's ``tiny_ft``: each organization's own tuned TinyLM.
     """
-    from fedgt.core.dp import gaussian_sigma
+    from fedgt.core.dp import gaussian_noise_multiplier
     from fedgt.provider.shadow import LoraTuner
 
     rng = random.Random(f"multi-org-{args.seed}")
@@ -375,7 +375,7 @@ def multi_org(args, domains: list[DomainData], orgs: dict, gt, tiny_judge: LLMJu
                 "llm_base": torch.zeros(1, judge.spec.num_layers, judge.spec.token_dim),
             }
             for eps in args.update_dp_epsilons:
-                sigma = gaussian_sigma(clip / m, eps, 1e-5)
+                sigma = gaussian_noise_multiplier(eps, 1e-5) * clip / m  # add/remove one: sensitivity C/M
                 noise_gen = torch.Generator().manual_seed(args.seed * 1000 + g)
                 noisy = _clip_rows(tiny, clip).mean(0, keepdim=True)
                 noisy = noisy + sigma * torch.randn(noisy.shape, generator=noise_gen)

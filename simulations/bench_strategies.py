@@ -4,9 +4,9 @@
     python -m simulations.bench_strategies --quick    # toy pair, 2 organizations, 2 rounds, no scale run (minutes)
 
 Strategy runs reuse the app's own pieces in one process, so every configuration sees the same organizations,
-seeds and client code: ``client_app.local_round`` for each organization (2 worker processes; a client round
+seeds and client code: ``fedgt.org.site.local_round`` for each organization (2 worker processes; a client round
 is computed once per distinct TinyLM starting state and shared by every configuration that reaches it),
-``GradTransformerStrategy.apply`` on the server, ``fed_eval.LLMEvaluator`` after each round. Reported per round:
+``GradTransformerStrategy.apply`` on the server, ``fedgt.server.evaluation.LLMEvaluator`` after each round. Reported per round:
 LGR in exact match and in loss on the organizations' test splits (pooled), and the server's time (validation
 excluded: the GT and the aggregation). References: the untuned LLM, each organization's own fine-tuned TinyLM,
 the LLM fine-tuned on each organization's data (the LGR ceiling) and, as an upper reference for a federation,
@@ -34,13 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedgt.core.data import public_text_domains  # noqa: E402
+from fedgt.core.identity import model_identity  # noqa: E402
 from fedgt.core.lora import attach_lora, lora_parameters  # noqa: E402
 from fedgt.core.metrics import pooled_ratio  # noqa: E402
-from fedgt.core.models import load_model  # noqa: E402
+from fedgt.core.models import load_model, local_model_dir  # noqa: E402
+from fedgt.core.noise import SeededNoise  # noqa: E402
 from fedgt.core.org_data import simulated_organizations  # noqa: E402
 from fedgt.core.run_config import FedConfig, from_run_config, load_toml, pyproject_run_config  # noqa: E402
 from fedgt.core.updates import flatten, spec_of, unflatten  # noqa: E402
-from fedgt.org.client_app import local_round  # noqa: E402
+from fedgt.org.policy import SitePolicy  # noqa: E402
+from fedgt.org.site import local_round  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
 from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
@@ -118,10 +121,18 @@ def _init(cache: str | None) -> None:
         os.environ["FEDGT_CACHE"] = cache
 
 
+# The benchmark's organizations: no DP, scores released, seeded (reproducible) noise source.
+BENCH_POLICY = SitePolicy(dp_mode="none", release=("train-loss", "tiny-test-loss", "tiny-test-em"), source="benchmark")
+
+
 def _client(task):
     cfg, org, base, start, rnd = task
-    update, metrics, spec = local_round(cfg, org, base, start, rnd)
-    return flatten(update, spec), metrics
+    model_dir = local_model_dir(cfg.model_names()[0])
+    result = local_round(cfg, org, BENCH_POLICY, base, start, rnd, None, SeededNoise(rnd), model_dir,
+                         model_identity(model_dir, cfg.lora_settings()))
+    if result.update is None:
+        raise RuntimeError(f"benchmark organization declined: {result.decline}")
+    return flatten(result.update, result.spec), result.metrics
 
 
 def main(argv=None) -> dict:

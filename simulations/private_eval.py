@@ -24,6 +24,7 @@ from fedgt.core.evaluate import evaluate_split, greedy_answers
 from fedgt.core.examples import Example
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
+from fedgt.core.noise import SeededNoise
 from fedgt.provider.shadow import LoraTuner, _with_lr
 from simulations.proxy_tuning import proxy_tuning_scores, same_vocabulary
 
@@ -69,7 +70,7 @@ def run_org(tiny: LoraTuner, llm: LoraTuner, data: DomainData, cfg: OrgConfig) -
         kd_examples = [Example(p, a + "\n", True) for p, a in zip(cfg.kd_prompts, answers, strict=True)]
     for eps in cfg.update_dp_epsilons:
         dp = DPConfig(mode="update", epsilon=eps, update_clip=cfg.update_clip)
-        noisy, _ = privatize_update(result.update, dp, torch.Generator().manual_seed(cfg.finetune.seed + 1))
+        noisy, _ = privatize_update(result.update, dp, SeededNoise(cfg.finetune.seed + 1))  # reproducible bench
         out["tokens"][f"tiny_update_dp_eps{eps:g}"] = tiny.tokens(noisy)
     for eps in cfg.dp_sgd_epsilons:
         r = tiny.run(data.train, ft_tiny, DPConfig(mode="dp-sgd", epsilon=eps))

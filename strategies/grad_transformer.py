@@ -16,7 +16,7 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    TinyLM. ``retranslate`` (default) keeps the TinyLM adapter as FedAvg does, and each round sets the LLM to the
    GT's image of the organizations' whole adapters (round start + update, relative to the seeded init): always an
    input of the kind the GT was trained on, and no round is counted twice. ``merge`` folds both adapters into
-   their base weights and restarts LoRA at the seeded init each round (DESIGN.md §2), so each round's update is
+   their base weights and restarts LoRA at the seeded init each round (docs/design.md §2), so each round's update is
    in distribution but the LLM receives a full-size update every round. ``naive`` adds each round's LLM update to
    one accumulating adapter.
 4. Spaces (``space``): ``weights`` (default in the app) aggregates each organization's LLM weight change

@@ -28,12 +28,9 @@ def test_smollm2_loads_from_its_gguf_and_takes_seeded_lora() -> None:
 @pytest.mark.slow
 def test_quality_benchmark_quick_mode_writes_the_results_shape(fedgt_cache, tmp_path) -> None:
     import json
-    import sys
     import time
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-    import bench_quality
+    from simulations import bench_quality
 
     t0 = time.time()
     bench_quality.main(["--quick", "--out", str(tmp_path)])
@@ -118,13 +115,35 @@ def test_federation_on_an_existing_ray_cluster(toy_pair, tmp_path) -> None:
 @pytest.mark.slow
 def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
-    import bench_strategies
+    from simulations import bench_strategies
 
     bench_strategies.main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "strategies_quick.json").read_text())
-    assert len(results["runs"]) == 4 * 2 * 3
+    # aggregators x orders x (3 round schemes in factors space + retranslate in weights space)
+    assert len(results["runs"]) == 4 * 2 * (3 + 1)
     assert all(len(run["rounds"]) == 2 for run in results["runs"].values())
+
+
+@pytest.mark.slow
+def test_central_dp_in_a_real_flwr_run_accounts_and_checkpoints_its_accountant(toy_pair, tmp_path) -> None:
+    """simulations/central_dp.toml on the toy pair: noise once on the sum, ε per round, accountant in checkpoints."""
+    import json
+    import tomllib
+    from pathlib import Path
+
+    import torch
+
+    from fedgt.core.run_config import _flatten
+    from fedgt.run.flwr_runner import run_federation
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = {**_flatten(tomllib.loads((root / "simulations" / "toy.toml").read_text())),
+                 **_flatten(tomllib.loads((root / "simulations" / "central_dp.toml").read_text())),
+                 "output.dir": str(tmp_path / "run")}
+    assert run_federation(root, overrides, tmp_path / "home", timeout=600) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, second = rows[1]["log"], rows[2]["log"]
+    assert len(first["accepted"]) == 2 and second["dp-central-run-epsilon"] > first["dp-central-run-epsilon"] > 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "round-2.pt", weights_only=False)
+    assert [tuple(h) for h in ckpt["central_dp"]["history"]] == [(1.0, 1.0, 1), (1.0, 1.0, 1)]

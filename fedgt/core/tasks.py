@@ -2,7 +2,7 @@
 
 A domain is (family, op, attribute, template, answer format). Two of the four prompt templates hide the
 op, and the answer format is never shown in the prompt, so the only way to learn a domain is to
-fine-tune on its examples: that is the domain signal an update carries (research/gt_probe2.md). Every
+fine-tune on its examples: that is the domain signal an update carries (docs/design.md §1b). Every
 family queries facts from ``fedgt.core.world``, so answering needs the knowledge only the LLM memorised.
 
 Examples are sampled per split from disjoint sets of people, so public (pretraining / shadow) samples,

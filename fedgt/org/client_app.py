@@ -72,7 +72,9 @@ def _round(msg: Message, context: Context, cfg: FedConfig, policy: SitePolicy) -
     if result.spec is not None and (context.run_id, context.node_id) not in _ANNOUNCED:
         _ANNOUNCED.add((context.run_id, context.node_id))
         log.info("organization %s (%s):\n%s", context.node_id, data.name,
-                 describe_release(result.spec, policy, f"granted dp.mode={cfg.dp.mode}"))
+                 describe_release(result.spec, policy, f"run requests dp.mode={cfg.dp.mode} at ε={cfg.dp.epsilon:g}; "
+                                  f"policy requires {policy.dp_mode} at ε <= {policy.max_epsilon:g}, budget "
+                                  f"{policy.budget:g}"))
     if result.decline is not None:
         log.warning("organization %s declines round %d: %s", context.node_id, server_round, result.decline)
     return release(result.update, result.spec, result.metrics, policy, result.decline)

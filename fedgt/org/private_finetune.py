@@ -14,6 +14,7 @@ from fedgt.core.evaluate import evaluate_split
 from fedgt.core.finetune import FinetuneConfig, FinetuneResult, finetune
 from fedgt.core.lora import LoraSettings, attach_lora
 from fedgt.core.models import load_model
+from fedgt.core.noise import NoiseSource, SecretNoise
 from fedgt.core.updates import UpdateSpec, save_update, spec_of, update_norm
 
 
@@ -56,13 +57,17 @@ def describe_release(report: OrgReport) -> str:
 
 
 def run_private_finetune(model_spec: str, data: DomainData, lora: LoraSettings, cfg: FinetuneConfig,
-                         dp: DPConfig = DPConfig(), out_dir: Path | None = None) -> OrgReport:
-    """Load the model, evaluate, fine-tune LoRA on the train split, evaluate, save update and adapter."""
+                         dp: DPConfig = DPConfig(), out_dir: Path | None = None,
+                         noise: NoiseSource | None = None) -> OrgReport:
+    """Load the model, evaluate, fine-tune LoRA on the train split, evaluate, save update and adapter.
+
+    DP noise is secret (``SecretNoise``) unless a ``noise`` source is given.
+    """
     model, tokenizer = load_model(model_spec)
     before = evaluate_split(model, tokenizer, data.test, cfg.max_length)
     model = attach_lora(model, lora)
     spec = spec_of(model)
-    result = finetune(model, tokenizer, data.train, cfg, dp)
+    result = finetune(model, tokenizer, data.train, cfg, dp, noise if noise is not None else SecretNoise())
     after = evaluate_split(model, tokenizer, data.test, cfg.max_length)
     report = OrgReport(str(model_spec), data.name, spec, result, dp, before, after)
     if out_dir is not None:
