@@ -6,7 +6,7 @@
 Strategy runs reuse the app's own pieces in one process, so every configuration sees the same organizations,
 seeds and client code: ``fedgt.org.site.local_round`` for each organization (2 worker processes; a client round
 is computed once per distinct TinyLM starting state and shared by every configuration that reaches it),
-``GradTransformerStrategy.apply`` on the server, ``fedgt.server.evaluation.LLMEvaluator`` after each round. Reported per round:
+``GradTransformerStrategy.apply`` on the server, ``evaluation.LLMEvaluator`` after each round. Reported per round:
 LGR in exact match and in loss on the organizations' test splits (pooled), and the server's time (validation
 excluded: the GT and the aggregation). References: the untuned LLM, each organization's own fine-tuned TinyLM,
 the LLM fine-tuned on each organization's data (the LGR ceiling) and, as an upper reference for a federation,
