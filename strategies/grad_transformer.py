@@ -211,7 +211,7 @@ class GradTransformerStrategy(FedAvg):
         entry = {"round": server_round, "rejected": [], "declined": [], **(entry or {})}
         entry["accepted"] = [a[0] for a in accepted]
         self.round_log[server_round] = entry
-        if not accepted:
+        if not accepted and self.central_dp is None:  # under central DP an empty round is still noised + accounted
             log.warning("round %d: no usable reply; the shared models stay as they were", server_round)
             entry["server_s"] = time.perf_counter() - t0
             entry["metrics"] = self._round_metrics(entry, [])
@@ -271,7 +271,10 @@ class GradTransformerStrategy(FedAvg):
                 clipped, _ = self.central_dp.clip_vector(tokens.reshape(-1))
                 total += clipped.double()
             # fixed before the round (q * N), never the number of replies: the noise scale is data-independent
-            expected = self.expected_participants.get(self._round, self.fraction_train * n)
+            expected = self.expected_participants.get(self._round)
+            if expected is None:
+                raise ValueError(f"central DP: round {self._round}'s expected participants were not fixed when it "
+                                 "was configured (configure_train sets them)")
             tiny_agg = self.central_dp.noisy_mean(total, expected)
             dp_metrics = self.central_dp.record_round(self.fraction_train)
         else:

@@ -183,3 +183,34 @@ def test_dp_sgd_survives_empty_poisson_batches() -> None:
     result = finetune(model, TOK, examples, cfg, DPConfig(mode="dp-sgd", noise_multiplier=1.0))
     assert all(torch.isfinite(v).all() for v in result.update.values())
     assert result.metrics["dp-epsilon"] > 0
+
+
+def test_a_sample_with_a_nonfinite_gradient_counts_as_zero_in_dp_sgd() -> None:
+    # One poisoned record (its gradient is inf/NaN) must neither poison the step nor fail the round: a failure would
+    # tell the server, outside DP, that the record was sampled. Its gradient counts as zero instead.
+    import copy
+
+    from fedgt.core.dp import DPSGD
+
+    model = torch.nn.Linear(3, 1)
+    ref = copy.deepcopy(model)
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 0.0, 0.0], [0.5, -1.0, 2.0]])
+    dp = DPConfig(mode="dp-sgd", noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    private = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, 3, dp, 1, SeededNoise(0))
+    private.model(x).pow(2).sum(dim=1).mean().backward()
+    private.optimizer.step()
+    private.close()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    (ref(x[[0, 2]]).pow(2).sum() / 3).backward()  # the same step with the poisoned record's gradient at zero
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q)
+
+
+def test_a_nonfinite_update_is_released_as_noise_within_the_clip() -> None:
+    from fedgt.core.dp import privatize_update
+
+    dp = DPConfig(mode="update", epsilon=1e9, update_clip=1.0)  # noise ~0
+    noisy, _ = privatize_update({"a": torch.tensor([float("nan"), 1.0])}, dp, SeededNoise(0))
+    assert torch.isfinite(noisy["a"]).all() and float(noisy["a"].abs().max()) < 1e-3  # zero + tiny noise

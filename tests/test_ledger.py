@@ -53,3 +53,14 @@ def test_a_corrupt_or_mismatched_ledger_is_refused(tmp_path) -> None:
     PrivacyLedger(tmp_path / "ok.json", 5.0, 1e-5).record([(1.0, 0.1, 10)], 1)
     with pytest.raises(ValueError, match="delta"):
         PrivacyLedger(tmp_path / "ok.json", 5.0, 1e-6)
+
+
+def test_concurrent_runs_cannot_spend_the_same_budget_twice(tmp_path) -> None:
+    # Two runs at one site open the ledger before either has spent: each charge re-reads under a lock.
+    path = tmp_path / "ledger.json"
+    mech = round_mechanisms(DPConfig(mode="dp-sgd", epsilon=4.0), 128, 16, 50)
+    run_a, run_b = PrivacyLedger(path, budget=5.0, delta=1e-5), PrivacyLedger(path, budget=5.0, delta=1e-5)
+    assert run_a.spend(mech, server_round=1) == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(BudgetExceeded, match="over the budget"):
+        run_b.spend(mech, server_round=1)  # run b saw an empty ledger when it opened it
+    assert len(json.loads(path.read_text())["rounds"]) == 1

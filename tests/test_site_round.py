@@ -99,3 +99,20 @@ def test_a_failing_round_declines_without_sending_its_details(toy_pair, tmp_path
     reason = reply.content["decline"]["reason"]
     assert reason.startswith("site error (FileNotFoundError)") and "secret-partner-folder" not in reason
     assert set(reply.content.array_records) == set() and dict(reply.content["metrics"])["declined"] == 1.0
+
+
+def test_a_supernode_with_a_partition_id_is_a_site_not_a_simulation(toy_pair, monkeypatch) -> None:
+    """The scenario's permissive sim-sites policy and data partition never apply outside a Ray simulation."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedgt.org.client_app import train
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={"model.pair": "toy", "sim-sites.dp-mode": "none",
+                                                      "data.path": "/nonexistent/on/the/site"})
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type="train")
+    reason = train(msg, context).content["decline"]["reason"]
+    assert reason.startswith("site error (ValueError)")  # no data-path: a site without data, not partition 0

@@ -131,6 +131,7 @@ def test_central_dp_noises_the_clipped_mean_once_and_accounts() -> None:
     replies = [good(i + 1, update(i), 10 * (i + 1)) for i in range(4)]
     s = strategy(mode="aggregate-then-transform", rounds="naive",
                  central_dp=CentralDP(clip=100.0, noise_multiplier=1e-9))
+    s.expected_participants[1] = 4.0  # what configure_train fixes: q * N connected organizations
     _, metrics = s.aggregate_train(1, replies)
     mean = {k: sum(update(i)[k] for i in range(4)) / 4 for k in KEYS}  # uniform weights under DP
     for k in KEYS:
@@ -150,6 +151,17 @@ def test_central_dp_divides_by_the_participants_expected_before_the_round_not_th
     for k in KEYS:
         expected = INIT[k] + sum(update(i)[k] for i in range(4)) / 8
         torch.testing.assert_close(s.llm.current[k], expected, atol=1e-5, rtol=0)
+
+
+def test_central_dp_noises_and_accounts_a_round_nobody_answered() -> None:
+    # Skipping an empty round would reveal that nobody was sampled or answered: the mechanism runs regardless.
+    s = strategy(mode="aggregate-then-transform", rounds="naive", central_dp=CentralDP(clip=1.0, noise_multiplier=1.0))
+    s.expected_participants[1] = 2.0
+    _, metrics = s.aggregate_train(1, [])
+    assert metrics["dp-central-run-epsilon"] > 0 and len(s.central_dp.history) == 1
+    assert any(not torch.equal(s.llm.current[k], INIT[k]) for k in KEYS)  # noise moved the model
+    with pytest.raises(ValueError, match="expected participants"):
+        s.aggregate_train(2, [good(1, update(1), 10)])  # a round nobody configured has no fixed denominator
 
 
 def test_a_claimed_num_examples_weighs_at_most_max_num_examples() -> None:

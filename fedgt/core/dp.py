@@ -99,6 +99,8 @@ def privatize_update(update: dict[str, torch.Tensor], dp: DPConfig, noise: Noise
     The metrics hold only the mechanism's parameters: the raw norm and whether it was clipped depend on the data.
     """
     norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
+    if not math.isfinite(norm):  # a non-finite update is released as zero + noise: still within the clip
+        update, norm = {k: torch.zeros_like(t) for k, t in update.items()}, 0.0
     scale = min(1.0, dp.update_clip / (norm + 1e-12))
     sigma = update_sigma(dp)
     noisy = {k: t * scale + noise.normal(tuple(t.shape), sigma, t.dtype) for k, t in update.items()}
@@ -177,6 +179,19 @@ def _sourced_dp_optimizer_class():
         def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, **kwargs):
             super().__init__(optimizer, **kwargs)
             self.noise_source = noise
+
+        def clip_and_accumulate(self) -> None:
+            # A sample whose gradient is NaN/inf would poison the clipped sum (0 * inf = NaN) and, through a failed
+            # round, leak whether it was sampled: its whole gradient counts as zero instead (still <= C).
+            finite = None
+            for g in self.grad_samples:
+                ok = torch.isfinite(g.reshape(len(g), -1)).all(dim=1)
+                finite = ok if finite is None else finite & ok
+            if finite is not None and not bool(finite.all()):
+                for p in self.params:
+                    g = p.grad_sample
+                    p.grad_sample = torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+            super().clip_and_accumulate()
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm

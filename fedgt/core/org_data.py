@@ -13,8 +13,10 @@ The server (simulation only) rebuilds the same splits to score the LLM on each o
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fedgt.core.data import DomainData, load_user_domain, load_user_domains, partition, task_domain_data
 from fedgt.core.mixture import PretrainData
@@ -70,16 +72,20 @@ def _split(world, domain: TaskDomain, n_train: int, n_test: int, seed: int) -> t
     return data.train, data.test, data.source
 
 
-def organization_data(cfg: FedConfig, node_config: dict) -> DomainData:
-    """This organization's private data, from its node config (a site's ``data-path`` or a simulation partition)."""
-    if node_config.get("data-path"):
-        path = Path(str(node_config["data-path"]))
-        if not path.is_dir():
-            raise FileNotFoundError(f"node config data-path={path} is not a directory")
-        return load_user_domain(path, seed=cfg.data.seed)
+def site_data(node_config: Mapping[str, Any], split_seed: int = 0) -> DomainData:
+    """A partner site's data: its node config's ``data-path``, split with the site's own seed."""
+    if not node_config.get("data-path"):
+        raise ValueError(f"node config needs data-path (this site's data folder), got {sorted(node_config)}")
+    path = Path(str(node_config["data-path"]))
+    if not path.is_dir():
+        raise FileNotFoundError(f"node config data-path={path} is not a directory")
+    return load_user_domain(path, seed=split_seed)
+
+
+def simulated_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> DomainData:
+    """A simulated organization's data: its partition of the scenario (``partition-id`` of ``num-partitions``)."""
     if "partition-id" not in node_config or "num-partitions" not in node_config:
-        raise ValueError(f"node config needs data-path (a partner site) or partition-id and num-partitions "
-                         f"(simulation), got {sorted(node_config)}")
+        raise ValueError(f"simulation node config needs partition-id and num-partitions, got {sorted(node_config)}")
     pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if not 0 <= pid < n:
         raise ValueError(f"node config partition-id={pid} outside 0..{n - 1}")

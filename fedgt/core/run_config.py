@@ -224,7 +224,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     raise ConfigError(f"run config '{key}': expected {kind.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def _check(cfg: FedConfig) -> None:
+def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     """Value checks; each failure names its key."""
 
     def need(ok: bool, key: str, what: str) -> None:
@@ -258,12 +258,13 @@ def _check(cfg: FedConfig) -> None:
     need(0 < ss.max_delta < 1, "sim-sites.max-delta", "must be in (0, 1)")
     need(ss.budget > 0, "sim-sites.budget", "must be > 0")
     need(ss.noise_seed >= -1, "sim-sites.noise-seed", "must be -1 (secret) or a seed >= 0")
-    need(not ss.policy_file or Path(ss.policy_file).is_file(), "sim-sites.policy-file", "is not a file")
+    need(not check_paths or not ss.policy_file or Path(ss.policy_file).is_file(), "sim-sites.policy-file",
+         "is not a file")
     need(g.shadow_domains >= 4, "gt.shadow-domains", "must be >= 4")
     need(g.epochs >= 1, "gt.epochs", "must be >= 1")
     need(g.device in ("auto", "cpu", "cuda"), "gt.device", "must be auto, cpu or cuda")
     need(g.batch_size >= 1, "gt.batch-size", "must be >= 1")
-    need(not g.checkpoint or Path(g.checkpoint).is_dir(), "gt.checkpoint",
+    need(not check_paths or not g.checkpoint or Path(g.checkpoint).is_dir(), "gt.checkpoint",
          "is not a directory (a `fedgt train-gt` or `fedgt provide` output)")
     need(s.mode in MODES, "strategy.mode", f"must be one of {MODES}")
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
@@ -287,13 +288,16 @@ def _check(cfg: FedConfig) -> None:
     need(da.alpha > 0, "data.alpha", "must be > 0")
     need(da.n_train >= 1, "data.n-train", "must be >= 1")
     need(da.n_test >= 1, "data.n-test", "must be >= 1")
-    need(not da.path or Path(da.path).is_dir(), "data.path", "is not a directory")
+    need(not check_paths or not da.path or Path(da.path).is_dir(), "data.path", "is not a directory")
     need(e.test_examples >= 1, "eval.test-examples", "must be >= 1")
     need(e.public_examples >= 1, "eval.public-examples", "must be >= 1")
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> FedConfig:
-    """Typed, validated config from Flower's flat ``run_config`` (missing keys take defaults)."""
+def from_run_config(run_config: Mapping[str, Any], check_paths: bool = True) -> FedConfig:
+    """Typed, validated config from Flower's flat ``run_config`` (missing keys take defaults).
+
+    ``check_paths=False`` skips checking that configured paths exist: a site must not let the server probe its disk.
+    """
     unknown = sorted(k for k in run_config if k not in KEYS)
     if unknown:
         raise ConfigError(f"unknown run config key(s) {unknown}; known keys: {sorted(KEYS)}")
@@ -303,7 +307,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> FedConfig:
         section, name = KEYS[key]
         values[section][name] = _coerce(key, value, getattr(getattr(defaults, section), name))
     cfg = FedConfig(**{name: dataclasses.replace(getattr(defaults, name), **v) for name, v in values.items()})
-    _check(cfg)
+    _check(cfg, check_paths)
     return cfg
 
 

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgt.core.identity import from_config
-from fedgt.core.org_data import organization_data
+from fedgt.core.org_data import simulated_data, site_data
 from fedgt.core.run_config import FedConfig, from_run_config
 from fedgt.org.ledger import PrivacyLedger
 from fedgt.org.policy import SitePolicy, simulated_policy, site_policy
@@ -39,9 +39,10 @@ def _policy(context: Context, cfg: FedConfig) -> SitePolicy:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local private fine-tuning (Flower plumbing around ``local_round``)."""
-    cfg = from_run_config(context.run_config)
-    policy = _policy(context, cfg)  # a bad policy fails loudly at the site, before anything is sent
+    policy = SitePolicy()  # until the site's own is read: releases nothing beyond the minimum
     try:
+        cfg = from_run_config(context.run_config, check_paths=False)  # no probing of the site's disk
+        policy = _policy(context, cfg)
         content = _round(msg, context, cfg, policy)
     except Exception as err:  # noqa: BLE001 - details (paths, data) stay in the site's log, never in the reply
         log.exception("organization %s: round failed", context.node_id)
@@ -54,7 +55,9 @@ def _round(msg: Message, context: Context, cfg: FedConfig, policy: SitePolicy) -
     nc = dict(context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    data = organization_data(cfg, nc)
+    # A site reads only the folder its node config names, split with its own seed; a partition of the scenario's
+    # data exists only inside a Ray simulation.
+    data = simulated_data(cfg, nc) if is_simulated(nc) else site_data(nc, policy.split_seed)
     needs_ledger = policy.dp_mode != "none" or cfg.dp.mode != "none"
     ledger = PrivacyLedger(ledger_path(policy, nc, context.run_id), policy.budget, policy.max_delta) \
         if needs_ledger else None

@@ -3,14 +3,18 @@
 Each round's release is one or more Gaussian mechanisms, recorded as Opacus accountant history entries
 ``(noise_multiplier, sample_rate, steps)``: a DP-SGD fine-tune is ``(σ, q, steps)``; an update-level
 release (clip C, sensitivity 2C, noise std s) is ``(s / 2C, 1.0, 1)``. The total ε over all rounds is Opacus' RDP
-accountant over the whole history — tighter than adding per-round ε. Before a round, the organization asks
-whether the round's mechanism still fits its budget; if not, it declines the round and says why.
+accountant over the whole history — tighter than adding per-round ε. Before a round runs, the organization
+charges it (``spend``: under a file lock, re-reading what concurrent runs spent); a round that would go over the
+budget is declined, saying why.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +57,42 @@ class PrivacyLedger:
             raise ValueError(f"ledger: budget must be > 0 and delta in (0, 1), got {self.budget}, {self.delta}")
         self.history: list[Mechanism] = []
         self.rounds: list[dict] = []
-        if self.path.is_file():
+        self._load()
+
+    def _load(self) -> None:
+        """Read what was spent (by any process: several runs may share a site's ledger)."""
+        if not self.path.is_file():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            self.history = [tuple(h) for h in data["history"]]  # type: ignore[misc]
+            self.rounds = list(data["rounds"])
+            stored_delta = float(data["delta"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.path}: corrupt privacy ledger ({err}); refusing to guess what was spent") from err
+        if stored_delta != self.delta:
+            raise ValueError(f"{self.path}: ledger kept at delta={stored_delta}, asked for delta={self.delta}")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the ledger across processes (concurrent runs at one site), then a fresh read."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                data = json.loads(self.path.read_text())
-                self.history = [tuple(h) for h in data["history"]]  # type: ignore[misc]
-                self.rounds = list(data["rounds"])
-                stored_delta = float(data["delta"])
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{self.path}: corrupt privacy ledger ({err}); refusing to guess what was spent") \
-                    from err
-            if stored_delta != self.delta:
-                raise ValueError(f"{self.path}: ledger kept at delta={stored_delta}, asked for delta={self.delta}")
+                self._load()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def spend(self, mechanisms: list[Mechanism], server_round: int, note: dict | None = None) -> float:
+        """Charge a round *before* it runs, atomically against concurrent runs; the total ε or ``BudgetExceeded``.
+
+        Charging on attempt means a round that fails afterwards still counts: the ledger never under-counts.
+        """
+        with self._locked():
+            self.check(mechanisms)
+            return self.record(mechanisms, server_round, note)
 
     def spent(self) -> float:
         """ε spent so far."""

@@ -50,6 +50,7 @@ class SitePolicy:
     ledger: str = ""  # the ledger file; "" = <data-path>/.fedgt-ledger/ledger.json
     release: tuple[str, ...] = ()  # metrics from RELEASABLE it may send
     tiny_model: str = ""  # the provider's published TinyLM directory; "" = the prepared preset of that name
+    split_seed: int = 0  # how the site splits its data into train and test (never the server's choice)
     noise_seed: int | None = None  # simulation only: reproducible (non-private) DP noise
     source: str = field(default="defaults", compare=False)  # where it was read from, for messages
 
@@ -85,6 +86,8 @@ def _coerce(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
                 out[name] = float(value)
             elif name == "noise_seed":
                 out[name] = None if value is None or int(value) < 0 else int(value)
+            elif name == "split_seed":
+                out[name] = int(value)
             else:
                 out[name] = str(value)
         except (TypeError, ValueError) as err:

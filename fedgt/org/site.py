@@ -41,9 +41,21 @@ class RoundResult:
     decline: str | None = None
 
 
+def in_flower_simulation() -> bool:
+    """Whether this process is a ClientApp actor of Flower's Ray simulation backend: never a partner site's SuperNode.
+
+    The server cannot fake it (unlike node-config keys such as ``partition-id``, which a site may set by habit).
+    """
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def is_simulated(node_config: Mapping[str, Any]) -> bool:
-    """A simulation node (Flower gives it a partition id) rather than a partner site (which names its data)."""
-    return "partition-id" in node_config and not node_config.get("data-path")
+    """An emulated organization: a partition of a Ray simulation, not a site naming its own data."""
+    return "partition-id" in node_config and not node_config.get("data-path") and in_flower_simulation()
 
 
 def ledger_path(policy: SitePolicy, node_config: Mapping[str, Any], run_id: int) -> Path:
@@ -68,6 +80,13 @@ def round_noise(policy: SitePolicy, org_key: str, server_round: int) -> NoiseSou
 def tiny_model_dir(cfg: FedConfig, policy: SitePolicy) -> Path:
     """The site's local copy of the provider's TinyLM: its policy's directory, else the prepared preset; never built."""
     return Path(policy.tiny_model) if policy.tiny_model else local_model_dir(cfg.model_names()[0])
+
+
+def check_base(base: Mapping[str, torch.Tensor]) -> None:
+    """The folded-in rounds the server sends must be finite: a crafted overflow must not reach training."""
+    for key, tensor in base.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"server base factors {key!r} hold NaN or infinite values")
 
 
 def check_model(model_dir: Path, cfg: FedConfig, published: Mapping[str, str] | None) -> str | None:
@@ -96,22 +115,24 @@ def local_round(cfg: FedConfig, data: DomainData, policy: SitePolicy, base: Mapp
     lora = cfg.lora_settings()
     model = attach_lora(model, lora)
     spec = spec_of(model)
+    check_base(base)
     if base:
         merge_into_base(model, dict(base), lora.scaling)
     validate_update(dict(start), spec, source="server arrays")
     set_lora_parameters(model, dict(start))
     ft = cfg.finetune_config(round_seed=1000 * server_round)
     mechanisms = round_mechanisms(dp, len(data.train), ft.batch_size, ft.steps)
-    if ledger is not None and mechanisms:
+    total = None
+    if ledger is not None and mechanisms:  # charged before training: concurrent runs cannot overspend
         try:
-            ledger.check(mechanisms)
+            total = ledger.spend(mechanisms, server_round)
         except BudgetExceeded as err:
             return RoundResult(spec, metrics={"dp-epsilon-total": ledger.spent()}, decline=str(err))
     result = finetune(model, tokenizer, data.train, ft, dp, noise)
     metrics = {"num-examples": float(len(data.train)), "train-loss": result.metrics["train-loss"]}
     metrics.update({k: float(v) for k, v in result.metrics.items() if k.startswith("dp-")})
-    if ledger is not None and mechanisms:
-        metrics["dp-epsilon-total"] = ledger.record(mechanisms, server_round)
+    if total is not None:
+        metrics["dp-epsilon-total"] = total
         metrics["dp-budget"] = ledger.budget
     wants_scores = cfg.eval.client_test and {"tiny-test-loss", "tiny-test-em"} & set(policy.release)
     if wants_scores and data.test:  # scored only when the run asks and the policy would release them
