@@ -185,7 +185,7 @@ def _sourced_dp_optimizer_class():
             # round, leak whether it was sampled: its whole gradient counts as zero instead (still <= C).
             finite = None
             for g in self.grad_samples:
-                ok = torch.isfinite(g.reshape(len(g), -1)).all(dim=1)
+                ok = torch.isfinite(g.flatten(1)).all(dim=1)  # (B,); B may be 0 (an empty Poisson batch)
                 finite = ok if finite is None else finite & ok
             if finite is not None and not bool(finite.all()):
                 for p in self.params:
