@@ -17,6 +17,7 @@ reproducibility is wanted and privacy against the seed's holder is not (public s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ class DPSGD:
         self.sample_rate = dp_sgd_sample_rate(num_examples, batch_size)
         self.noise_multiplier = dp_sgd_noise_multiplier(dp, self.sample_rate, steps)
         self.model = GradSampleModule(model)
-        self.optimizer = _SourcedDPOptimizer(
+        self.optimizer = sourced_dp_optimizer_class()(
             optimizer, noise=noise, noise_multiplier=self.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(self.sample_rate * num_examples)))
         self.accountant = create_accountant(dp.accountant)
@@ -170,7 +171,9 @@ class DPSGD:
         self.model._close()
 
 
-def _sourced_dp_optimizer_class():
+@functools.cache
+def sourced_dp_optimizer_class() -> type:
+    """Opacus' DPOptimizer with noise from a ``NoiseSource`` (built on first use: Opacus loads only for DP runs)."""
     from opacus.optimizers import DPOptimizer
 
     class SourcedDPOptimizer(DPOptimizer):
@@ -200,7 +203,3 @@ def _sourced_dp_optimizer_class():
                 p.grad = (g + self.noise_source.normal(tuple(g.shape), std, g.dtype).to(g.device)).view_as(p)
 
     return SourcedDPOptimizer
-
-
-def _SourcedDPOptimizer(optimizer: torch.optim.Optimizer, **kwargs):  # noqa: N802 - a class, built lazily
-    return _sourced_dp_optimizer_class()(optimizer, **kwargs)
