@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean", "task_arithmetic", "ties", "dare")
 BLOCK_COLUMNS = 65536  # columns reduced at once by the row-store aggregators: peak RAM ~ capacity * block * 4 B
 
 
@@ -192,8 +192,11 @@ class TrimmedMean(_RowStore):
 
 
 def make_aggregator(name: str, dim: int, capacity: int, *, trim_beta: float = 0.1,
-                    norm_bound: float = 1.0) -> Aggregator:
+                    norm_bound: float = 1.0, merge_scale: float = 1.0, density: float = 0.5,
+                    seed: int = 0) -> Aggregator:
     """Build the aggregator called ``name`` (one of ``AGGREGATORS``) for vectors of length ``dim``."""
+    if name in ("task_arithmetic", "ties", "dare"):
+        return _make_merge(name, dim, merge_scale, density, seed)
     if name == "mean":
         return WeightedMean(dim)
     if name == "norm_bounded_mean":
@@ -203,3 +206,14 @@ def make_aggregator(name: str, dim: int, capacity: int, *, trim_beta: float = 0.
     if name == "trimmed_mean":
         return TrimmedMean(dim, capacity, trim_beta)
     raise ValueError(f"unknown aggregator {name!r}; choose one of {AGGREGATORS}")
+
+
+def _make_merge(name: str, dim: int, scale: float, density: float, seed: int) -> Aggregator:
+    """Build a model-merging aggregator (strategies.merging imports this module, hence the lazy import)."""
+    from strategies.merging import DareMerge, TaskArithmetic, TiesMerge
+
+    if name == "task_arithmetic":
+        return TaskArithmetic(dim, scale)
+    if name == "ties":
+        return TiesMerge(dim, density, scale)
+    return DareMerge(dim, density, scale, seed)

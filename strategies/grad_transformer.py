@@ -12,6 +12,11 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    LLM updates: no round ever holds every organization's LLM update at once) or ``aggregate-then-transform``
    (combine the TinyLM updates, one GT pass: the paper's order, and the one secure aggregation allows).
    Optional central DP (clip each organization's TinyLM update, noise the mean once) and a server optimizer.
+   Aggregators: the streaming statistics and merge methods of ``strategies.aggregators``, or ``distill``: a
+   ``Distill`` callable (``fedgt.server.consolidate``) trains one joint LLM adapter with every organization's
+   LLM update as a teacher. With a merge method or ``distill`` the TinyLM adapter stays the plain mean.
+   Each organization's own LLM update of the last round is kept (``org_llm``, transform-then-aggregate): its own
+   adapter, served next to the shared one.
 3. Round schemes (``strategy.rounds``). The GT was trained on updates from the seeded LoRA init on the base
    TinyLM. ``retranslate`` (default) keeps the TinyLM adapter as FedAvg does, and each round sets the LLM to the
    GT's image of the organizations' whole adapters (round start + update, relative to the seeded init): always an
@@ -59,6 +64,9 @@ MODES = ("transform-then-aggregate", "aggregate-then-transform")
 ROUND_SCHEMES = ("retranslate", "merge", "naive")
 SPACES = ("factors", "weights")
 Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update tokens, weight, client metrics)
+# (T, Lt, Dt) LLM updates (teachers), (T, Ls, Ds) the TinyLM updates they came from -> (Lt, Dt) one joint update
+Distill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MERGE_METHODS = ("task_arithmetic", "ties", "dare")
 
 
 def describe_reply(msg: Message) -> dict:
@@ -92,7 +100,8 @@ class GradTransformerStrategy(FedAvg):
                  norm_bound: float = 1.0, rounds: str = "merge", server_opt: ServerOptimizer | None = None,
                  central_dp: CentralDP | None = None, max_update_norm: float = 100.0, gt_batch_size: int = 16,
                  space: str = "factors", tiny_identity: Mapping[str, str] | None = None,
-                 max_num_examples: float = math.inf, **fedavg_kwargs):
+                 max_num_examples: float = math.inf, merge_scale: float = 1.0, density: float = 0.5,
+                 distill: Distill | None = None, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if mode not in MODES:
             raise ValueError(f"strategy.mode must be one of {MODES}, got {mode!r}")
@@ -107,7 +116,13 @@ class GradTransformerStrategy(FedAvg):
         if space == "weights" and rounds != "retranslate":
             raise ValueError("strategy.space='weights' needs strategy.rounds='retranslate' (the LLM is re-derived "
                              "from the organizations' adapters each round)")
+        if aggregator == "distill" and (distill is None or mode != "transform-then-aggregate"):
+            raise ValueError("strategy.aggregator='distill' needs a distill callable and "
+                             "strategy.mode='transform-then-aggregate' (each organization's LLM update is a teacher)")
         self.rounds, self.space = rounds, space
+        self.merge_scale, self.density, self.distill = merge_scale, density, distill
+        self.org_llm: dict[int, torch.Tensor] = {}  # node -> its LLM update (layer tokens) of the last round
+        self.distill_stats: dict[str, float] = {}
         # weights space: the LLM's change from its base, one dense matrix per LoRA module (flattened)
         self.llm_dense = torch.zeros(sum(o * i for o, i in dense_shapes(llm_spec).values())) \
             if space == "weights" else None
@@ -241,15 +256,29 @@ class GradTransformerStrategy(FedAvg):
 
     def _llm_vector(self, tokens: torch.Tensor) -> torch.Tensor:
         """An LLM update (layer tokens) as the vector the aggregator combines: its factors, or its dense change."""
-        if self.llm_dense is None:
-            return tokens.reshape(-1)
-        delta = unflatten(tokens, self.llm_spec)
-        absolute = {k: self.llm.init[k] + delta[k] for k in self.llm_spec.keys}
-        return dense_to_vector(dense_change(absolute, self.llm_spec, self.llm.lora.scaling), self.llm_spec)
+        return tokens.reshape(-1) if self.llm_dense is None else self._dense_vector(tokens)
 
     def llm_weight_change(self) -> dict[str, torch.Tensor] | None:
         """Weights space: the LLM's dense change per LoRA module (None in factors space)."""
         return vector_to_dense(self.llm_dense, self.llm_spec) if self.llm_dense is not None else None
+
+    def org_weight_change(self, node: int, on_shared: bool = False) -> dict[str, torch.Tensor]:
+        """One organization's own LLM: the dense change of its last LLM update, alone or on top of the shared LLM."""
+        if node not in self.org_llm:
+            raise KeyError(f"no LLM update of node {node} in the last round (transform-then-aggregate keeps them)")
+        own = vector_to_dense(self._dense_vector(self.org_llm[node]), self.llm_spec)
+        if not on_shared:
+            return own
+        shared = self.llm_weight_change()
+        if shared is None:
+            shared = vector_to_dense(self._dense_vector(self._offset(self.llm)), self.llm_spec)
+        return {m: shared[m] + own[m] for m in own}
+
+    def _dense_vector(self, tokens: torch.Tensor) -> torch.Tensor:
+        """An LLM update (layer tokens, relative to the seeded init) as its flattened dense weight change."""
+        delta = unflatten(tokens.reshape(self.llm_spec.num_layers, -1), self.llm_spec)
+        absolute = {k: self.llm.init[k] + delta[k] for k in self.llm_spec.keys}
+        return dense_to_vector(dense_change(absolute, self.llm_spec, self.llm.lora.scaling), self.llm_spec)
 
     @staticmethod
     def _offset(adapter: GlobalAdapter) -> torch.Tensor:
@@ -278,25 +307,39 @@ class GradTransformerStrategy(FedAvg):
             tiny_agg = self.central_dp.noisy_mean(total, expected)
             dp_metrics = self.central_dp.record_round(self.fraction_train)
         else:
-            tiny_agg = self._aggregate(((t.reshape(-1), w) for _, t, w, _ in accepted), n)
+            tiny_agg = self._aggregate(((t.reshape(-1), w) for _, t, w, _ in accepted), n, tiny=True)
         if self.mode == "aggregate-then-transform":
             llm_agg = self.translate(shift(tiny_agg.view(self.tiny_spec.num_layers, -1)).unsqueeze(0))[0]
             return tiny_agg, self._llm_vector(llm_agg), dp_metrics
+
+        self.org_llm = {}
 
         def llm_updates():  # the GT in batches of gt_batch_size: at most one batch of LLM updates in memory
             for start in range(0, n, self.gt_batch_size):
                 chunk = accepted[start:start + self.gt_batch_size]
                 out = self.translate(torch.stack([shift(t) for _, t, _, _ in chunk]))
-                for (_, _, w, _), row in zip(chunk, out, strict=True):
+                for (node, _, w, _), row in zip(chunk, out, strict=True):
+                    self.org_llm[node] = row  # (Lt, Dt): small (LoRA factors), kept for per-organization adapters
                     yield self._llm_vector(row), w
 
-        return tiny_agg, self._aggregate(llm_updates(), n), dp_metrics
+        if self.aggregator != "distill":
+            return tiny_agg, self._aggregate(llm_updates(), n), dp_metrics
+        for _ in llm_updates():  # fills org_llm
+            pass
+        teachers = torch.stack([self.org_llm[a[0]] for a in accepted])  # (T, Lt, Dt)
+        joint = self.distill(teachers, torch.stack([shift(t) for _, t, _, _ in accepted]))
+        self.distill_stats = dict(getattr(self.distill, "last_stats", {}))
+        return tiny_agg, self._llm_vector(joint), dp_metrics
 
-    def _aggregate(self, vectors: Iterable[tuple[torch.Tensor, float]], capacity: int) -> torch.Tensor:
+    def _aggregate(self, vectors: Iterable[tuple[torch.Tensor, float]], capacity: int, tiny: bool = False
+                   ) -> torch.Tensor:
+        """Combine (vector, weight) pairs; the TinyLM side of a merge method or ``distill`` is the plain mean."""
         vectors = iter(vectors)
         first = next(vectors)
-        agg = make_aggregator(self.aggregator, first[0].numel(), capacity,
-                              trim_beta=self.trim_beta, norm_bound=self.norm_bound)
+        name = "mean" if tiny and self.aggregator in (*MERGE_METHODS, "distill") else self.aggregator
+        agg = make_aggregator(name, first[0].numel(), capacity, trim_beta=self.trim_beta,
+                              norm_bound=self.norm_bound, merge_scale=self.merge_scale, density=self.density,
+                              seed=self._round)
         try:
             agg.add(first[0].float(), first[1])
             for v, w in vectors:
@@ -314,6 +357,7 @@ class GradTransformerStrategy(FedAvg):
             out[f"rejected-{r['code']}"] = out.get(f"rejected-{r['code']}", 0) + 1
         if "gt_s" in entry:
             out["gt-seconds"] = entry["gt_s"]
+        out.update(self.distill_stats if self.aggregator == "distill" else {})
         for k, v in entry.items():
             if k.startswith("dp-"):
                 out[k] = float(v)

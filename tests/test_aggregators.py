@@ -18,6 +18,7 @@ from strategies.aggregators import (
     make_aggregator,
 )
 from strategies.central_dp import CentralDP
+from strategies.merging import DareMerge, TaskArithmetic, TiesMerge
 from strategies.server_opt import ServerOptimizer
 
 # Five organizations' updates, dim 4; the tests use the first 3, 4 or 5.
@@ -157,7 +158,8 @@ def test_row_store_rejects_over_capacity(name):
 
 def test_make_aggregator_builds_each_kind():
     kinds = {"mean": WeightedMean, "median": CoordinateMedian, "trimmed_mean": TrimmedMean,
-             "norm_bounded_mean": NormBoundedMean}
+             "norm_bounded_mean": NormBoundedMean, "task_arithmetic": TaskArithmetic, "ties": TiesMerge,
+             "dare": DareMerge}
     assert set(kinds) == set(AGGREGATORS)
     for name, cls in kinds.items():
         with make_aggregator(name, 4, capacity=2, trim_beta=0.25, norm_bound=2.0) as agg:

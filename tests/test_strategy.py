@@ -218,3 +218,55 @@ def test_weights_space_aggregates_the_exact_mean_weight_change() -> None:
     assert not torch.allclose(expected, factor_mean, atol=1e-4)  # the two spaces really differ
     with pytest.raises(ValueError, match="retranslate"):
         strategy(space="weights", rounds="merge")
+
+
+def _dense(u: dict) -> torch.Tensor:
+    from fedgt.server.global_adapter import dense_change, dense_to_vector
+
+    return dense_to_vector(dense_change({k: INIT[k] + u[k] for k in KEYS}, SPEC, LoraSettings().scaling), SPEC)
+
+
+def test_task_arithmetic_sums_the_weight_changes_times_the_scale_and_keeps_the_tiny_mean() -> None:
+    ups, sizes = [update(s) for s in range(3)], [10, 30, 60]
+    s = strategy(space="weights", rounds="retranslate", aggregator="task_arithmetic", merge_scale=0.3)
+    s.aggregate_train(1, [good(i + 1, u, n) for i, (u, n) in enumerate(zip(ups, sizes, strict=True))])
+    torch.testing.assert_close(s.llm_dense, 0.3 * sum(_dense(u) for u in ups), atol=1e-5, rtol=0)
+    tiny_mean = {k: INIT[k] + sum(n / 100 * u[k] for u, n in zip(ups, sizes, strict=True)) for k in KEYS}
+    for k in KEYS:  # the TinyLM adapter organizations start from stays FedAvg
+        torch.testing.assert_close(s.tiny.current[k], tiny_mean[k], atol=1e-6, rtol=0)
+
+
+def test_distill_gives_the_teachers_and_the_tiny_updates_and_applies_the_joint_update() -> None:
+    ups = [update(s) for s in range(3)]
+    seen = {}
+    joint = update(9)
+
+    def distill(teachers: torch.Tensor, tiny: torch.Tensor) -> torch.Tensor:
+        seen["teachers"], seen["tiny"] = teachers, tiny
+        return flatten(joint, SPEC)
+
+    s = strategy(space="weights", rounds="retranslate", aggregator="distill", distill=distill)
+    s.aggregate_train(1, [good(i + 1, u, 10) for i, u in enumerate(ups)])
+    expected = torch.stack([flatten(u, SPEC) for u in ups])  # identity GT: each teacher is its own update
+    torch.testing.assert_close(seen["teachers"], expected)
+    torch.testing.assert_close(seen["tiny"], expected)
+    torch.testing.assert_close(s.llm_dense, _dense(joint), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="distill"):
+        strategy(aggregator="distill", mode="aggregate-then-transform", distill=distill)
+    with pytest.raises(ValueError, match="distill"):
+        strategy(aggregator="distill")
+
+
+def test_each_organization_keeps_its_own_llm_update_alone_and_on_the_shared_llm() -> None:
+    ups = [update(s) for s in range(3)]
+    s = strategy(space="weights", rounds="retranslate")
+    s.aggregate_train(1, [good(i + 1, u, 10) for i, u in enumerate(ups)])
+    assert sorted(s.org_llm) == [1, 2, 3]
+    from fedgt.server.global_adapter import dense_to_vector
+
+    own = dense_to_vector(s.org_weight_change(2), SPEC)
+    torch.testing.assert_close(own, _dense(ups[1]), atol=1e-6, rtol=0)
+    on_shared = dense_to_vector(s.org_weight_change(2, on_shared=True), SPEC)
+    torch.testing.assert_close(on_shared, s.llm_dense + _dense(ups[1]), atol=1e-6, rtol=0)
+    with pytest.raises(KeyError, match="node 7"):
+        s.org_weight_change(7)

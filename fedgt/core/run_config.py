@@ -9,6 +9,7 @@ a wrong type or a bad value raises ``ConfigError`` naming the key, before any ro
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -21,7 +22,7 @@ from fedgt.core.lora import LoraSettings
 
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 ROUND_SCHEMES = ("retranslate", "merge", "naive")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean", "task_arithmetic", "ties", "dare", "distill")
 SPACES = ("weights", "factors")
 SERVER_OPTS = ("none", "fedavgm", "fedadam")
 SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
@@ -112,6 +113,19 @@ class StrategySection:
     central_dp: bool = False
     central_dp_clip: float = 1.0
     central_dp_noise_multiplier: float = 1.0
+    merge_scale: float = 1.0  # task_arithmetic / ties / dare: lambda, the scale of the merged task vectors
+    density: float = 0.5  # ties / dare: the fraction of each task vector kept
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """strategy.aggregator = "distill": one joint LLM adapter distilled from the organizations' LLM updates."""
+
+    prompts_per_teacher: int = 256  # public prompts each organization's LLM answers
+    neighbours: int = 1  # shadow domains (nearest to its TinyLM update) those prompts come from
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 32
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,7 @@ class EvalSection:
 class OutputSection:
     dir: str = ""  # "" = $FEDGT_CACHE/runs/<timestamp>
     merged: bool = False  # also save a merged copy of the final LLM
+    org_adapters: bool = True  # also save each organization's own LLM adapter (alone and on the shared LLM)
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,7 @@ class FedConfig:
     sim_sites: SimSitesSection = field(default_factory=SimSitesSection)
     gt: GTSection = field(default_factory=GTSection)
     strategy: StrategySection = field(default_factory=StrategySection)
+    distill: DistillSection = field(default_factory=DistillSection)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -253,6 +269,13 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(d.max_grad_norm > 0, "dp.max-grad-norm", "must be > 0")
     need(d.update_clip > 0, "dp.update-clip", "must be > 0")
     ss = cfg.sim_sites
+    need(s.merge_scale > 0 and math.isfinite(s.merge_scale), "strategy.merge-scale", "must be a finite number > 0")
+    need(0 < s.density <= 1, "strategy.density", "must be in (0, 1]")
+    ds = cfg.distill
+    for key, value in (("prompts-per-teacher", ds.prompts_per_teacher), ("neighbours", ds.neighbours),
+                       ("steps", ds.steps), ("batch-size", ds.batch_size)):
+        need(1 <= value <= 1_000_000, f"distill.{key}", "must be in [1, 1e6]")
+    need(0 < ds.lr < 1, "distill.lr", "must be in (0, 1)")
     need(ss.dp_mode in DP_MODES, "sim-sites.dp-mode", f"must be one of {DP_MODES}")
     need(ss.max_epsilon > 0, "sim-sites.max-epsilon", "must be > 0")
     need(0 < ss.max_delta < 1, "sim-sites.max-delta", "must be in (0, 1)")

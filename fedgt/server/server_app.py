@@ -4,7 +4,9 @@ Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-
 (one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why),
 ``metrics.png``, ``results.md`` (the table the demo prints), ``checkpoints/round-N.pt`` and the final LLM as a
 peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
-``output.merged``).
+``output.merged``). Each organization's own LLM (transform-then-aggregate) is saved next to it:
+``org_adapters/<node>/own`` (the GT's image of its last update alone) and ``org_adapters/<node>/on_shared`` (on
+top of the shared LLM), for multi-LoRA serving; both are post-processing of what the organization released.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedgt.core.org_data import simulated_organizations
 from fedgt.core.run_config import FedConfig, from_run_config
 from fedgt.core.updates import spec_of
 from fedgt.provider.provision import provide, provider_config_for, published_identity, resolve_model
+from fedgt.server.consolidate import Consolidator, DistillConfig, PromptPool
 from fedgt.server.evaluation import LLMEvaluator
 from fedgt.server.global_adapter import save_dense_peft
 from fedgt.server.report import plot_rounds, results_table
@@ -104,6 +107,26 @@ def wait_for_organizations(grid: Grid, cfg: FedConfig) -> int:
     return have
 
 
+def consolidator(cfg: FedConfig, gt_dir: Path, llm_name: str, device: str | torch.device) -> Consolidator | None:
+    """strategy.aggregator = "distill": the joint-adapter trainer on the provider's public prompts, else None."""
+    if cfg.strategy.aggregator != "distill":
+        return None
+    d = cfg.distill
+    dcfg = DistillConfig(prompts_per_teacher=d.prompts_per_teacher, neighbours=d.neighbours, steps=d.steps,
+                         lr=d.lr, batch_size=d.batch_size, max_length=cfg.train.max_length, seed=cfg.train.seed)
+    return Consolidator(llm_name, cfg.lora_settings(), PromptPool.from_provider(gt_dir), dcfg, device)
+
+
+def save_org_adapters(strategy: GradTransformerStrategy, llm_name: str, lora: LoraSettings, out: Path) -> list[Path]:
+    """Each organization's own LLM adapter, alone and on top of the shared LLM (peft directories)."""
+    saved = []
+    for node in sorted(strategy.org_llm):
+        for name, on_shared in (("own", False), ("on_shared", True)):
+            path = out / "org_adapters" / str(node) / name
+            saved.append(save_dense_peft(strategy.org_weight_change(node, on_shared), llm_name, lora, path))
+    return saved
+
+
 def _model_state(name: str, lora) -> tuple:
     model = attach_lora(load_model(name)[0], lora)
     return spec_of(model), lora_parameters(model)
@@ -145,7 +168,8 @@ def main(grid: Grid, context: Context) -> None:
         lora=lora, mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta, norm_bound=s.norm_bound,
         rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
         max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
-        max_num_examples=float(s.max_num_examples),
+        max_num_examples=float(s.max_num_examples), merge_scale=s.merge_scale, density=s.density,
+        distill=consolidator(cfg, gt_dir, llm_name, translator.device),
         fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
         min_train_nodes=max(1, int(n_orgs * s.fraction_train)), tiny_identity=identity)
     wait_for_organizations(grid, cfg)
@@ -183,9 +207,11 @@ def main(grid: Grid, context: Context) -> None:
     change = strategy.llm_weight_change()
     adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged) if change is None \
         else save_dense_peft(change, llm_name, lora, out / "llm_adapter", merged_copy=cfg.output.merged)
+    org_adapters = save_org_adapters(strategy, llm_name, lora, out) if cfg.output.org_adapters else []
     ceiling = evaluator.ceiling
     table = results_table(rows, evaluator.base_scores, ceiling, wall, cfg)
-    (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n")
+    (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n"
+                                    + (f"Per-organization adapters: {out / 'org_adapters'}\n" if org_adapters else ""))
     plot_rounds(rows, ceiling, out / "metrics.png")
     print(table, flush=True)
     print(f"outputs: {out}", flush=True)
