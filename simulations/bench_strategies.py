@@ -1,7 +1,15 @@
-"""Aggregation-strategy benchmark: every aggregator x both orders x round schemes, same organizations and seeds.
+"""Aggregation-strategy benchmark: aggregators, merges and consolidation on the same organizations, several seeds.
 
-    python -m simulations.bench_strategies            # full: default pair, 8 organizations, 3 rounds + scale run
-    python -m simulations.bench_strategies --quick    # toy pair, 2 organizations, 2 rounds, no scale run (minutes)
+    python -m simulations.bench_strategies            # default pair, 8 organizations, 3 rounds, seeds 0,1,2
+    python -m simulations.bench_strategies --quick    # toy pair, 2 organizations, 2 rounds, 1 seed (minutes)
+    python -m simulations.bench_strategies --scale    # also 10 vs 100 organizations through `flwr run`
+
+Each seed draws other organizations (domains and samples: ``data.seed``). Every figure is reported pooled over
+organizations and as the median of the per-organization LGR, so one easy domain cannot carry it. The merge
+methods' scale (lambda) is chosen by the provider on public data only (``fedgt.provider.merge_scale``: groups of
+its shadow domains play the organizations), never on an organization's data. Per organization: its own
+TinyLM (one round's fine-tune from the base, the ceiling's budget), the shared LLM, its own LLM adapter (the GT's
+image of its update, alone and on the shared LLM) and the ceiling (the LLM fine-tuned on its data).
 
 Strategy runs reuse the app's own pieces in one process, so every configuration sees the same organizations,
 seeds and client code: ``fedgt.org.site.local_round`` for each organization (2 worker processes; a client round
@@ -21,9 +29,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,26 +45,39 @@ sys.path.insert(0, str(ROOT))
 
 from fedgt.core.data import public_text_domains  # noqa: E402
 from fedgt.core.identity import model_identity  # noqa: E402
+from fedgt.core.judge import LLMJudge  # noqa: E402
 from fedgt.core.lora import attach_lora, lora_parameters  # noqa: E402
 from fedgt.core.metrics import pooled_ratio  # noqa: E402
 from fedgt.core.models import load_model, local_model_dir  # noqa: E402
 from fedgt.core.noise import SeededNoise  # noqa: E402
 from fedgt.core.org_data import simulated_organizations  # noqa: E402
 from fedgt.core.run_config import FedConfig, from_run_config, load_toml, pyproject_run_config  # noqa: E402
-from fedgt.core.updates import flatten, spec_of, unflatten  # noqa: E402
+from fedgt.core.updates import flatten, spec_of  # noqa: E402
 from fedgt.org.policy import SitePolicy  # noqa: E402
 from fedgt.org.site import local_round  # noqa: E402
+from fedgt.provider.merge_scale import choose_merge_scale, dense_vectors  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
+from fedgt.provider.public_data import task_shadow_domains  # noqa: E402
+from fedgt.provider.shadow import load_pairs  # noqa: E402
+from fedgt.server.consolidate import Consolidator, DistillConfig, PromptPool  # noqa: E402
 from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
+from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
+from strategies import merging  # noqa: E402
 from strategies.grad_transformer import GradTransformerStrategy  # noqa: E402
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean")
+AGGREGATORS = ("mean", "trimmed_mean", "task_arithmetic", "ties", "dare", "distill")
+MERGES = ("task_arithmetic", "ties", "dare")
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 SCHEMES = ("retranslate", "merge", "naive")
+SCALE_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+RECOMMENDED = "distill"
 REFERENCE_LABELS = (
+    ("tiny_ft_round1", "each organization's own fine-tuned TinyLM (one round from the base)"),
     ("llm_fedavg_round1", "FedAvg of the organizations' own LLM updates (if they could train the LLM; round 1)"),
     ("llm_deltaw_mean_round1", "exact weight-space mean of those LLM updates (round 1)"),
+    *((f"llm_{m}_round1", f"{m} of those LLM updates (scale chosen on public data)") for m in MERGES),
+    ("llm_distill_round1", "consolidation with those LLM updates as teachers (oracle teachers)"),
     ("gt_deltaw_mean_round1", "exact weight-space mean of the GT's LLM updates (round 1)"),
     ("llm_union_ft", "LLM fine-tuned on the union of all organizations' data (centralised, same budget)"),
 )
@@ -65,20 +88,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--orgs", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--seeds", default=None, help="comma-separated data seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS))
-    p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--spaces", default="weights,factors", help="LLM aggregation spaces (weights: retranslate only)")
+    p.add_argument("--modes", default="transform-then-aggregate")
+    p.add_argument("--schemes", default="retranslate")
+    p.add_argument("--spaces", default="weights", help="LLM aggregation spaces (weights: retranslate only)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="any run-config key")
-    p.add_argument("--no-scale", action="store_true", help="skip the 10 vs 100 organizations flwr runs")
+    p.add_argument("--scale", action="store_true", help="also the 10 vs 100 organizations flwr runs")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     args.name = args.name or ("strategies_quick" if args.quick else "strategies")
+    args.seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]
     return args
 
 
-def config_for(args) -> FedConfig:
+def config_for(args, seed: int | None = None) -> FedConfig:
     import tomllib
 
     base = pyproject_run_config(ROOT / "pyproject.toml")
@@ -94,6 +120,8 @@ def config_for(args) -> FedConfig:
         base["federation.num-organizations"] = args.orgs
     if args.rounds:
         base["num-server-rounds"] = args.rounds
+    if seed is not None:
+        base["data.seed"] = seed
     return from_run_config(base)
 
 
@@ -135,6 +163,35 @@ def _client(task):
     return flatten(result.update, result.spec), result.metrics
 
 
+def merge_fn(method: str, density: float, seed: int = 0):
+    """A merge method of ``strategies.merging`` as ``(stacked dense deltas, scale) -> merged``."""
+    if method == "task_arithmetic":
+        return lambda v, s: merging.task_arithmetic(v, s)
+    if method == "ties":
+        return lambda v, s: merging.ties(v, density, s)
+    return lambda v, s: merging.dare(v, density, s, torch.Generator().manual_seed(seed))
+
+
+def provider_scales(cfg: FedConfig, gt_dir: Path, translator: Translator, judge: LLMJudge) -> dict:
+    """Each merge method's scale chosen on the provider's shadow domains: for GT images and for true LLM updates."""
+    pool_meta = json.loads((gt_dir / "provider.json").read_text())["provider"]
+    pairs = load_pairs(gt_dir.parent / "shadow").final()
+    order = torch.argsort(pairs.domain)
+    domains = {d.name: d for d in task_shadow_domains(pool_meta["n_examples"], pool_meta["shadow_domains"],
+                                                      pool_meta["seed"])}
+    tests = [list(domains[n].test[:cfg.eval.test_examples]) for n in pairs.names]
+    n = min(cfg.federation.num_organizations, len(tests))
+    sources = {"gt": translator(pairs.tiny[order]), "oracle": pairs.llm[order]}
+    out: dict = {}
+    for source, updates in sources.items():
+        for method in MERGES:
+            best, table = choose_merge_scale(judge, updates, tests, merge_fn(method, cfg.strategy.density),
+                                             SCALE_GRID, cfg.lora_settings().scaling, n=n)
+            out.setdefault(source, {})[method] = {"scale": best, "em_by_scale": table}
+            print(f"provider: {method} on {source} updates -> scale {best} ({table})", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = config_for(args)
@@ -142,6 +199,42 @@ def main(argv=None) -> dict:
     tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
     gt_dir = Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(provider_config_for(cfg))
     translator = Translator(gt_dir, cfg.gt.device)
+    judge = LLMJudge(llm_name, cfg.lora_settings(), device=translator.device, max_length=cfg.train.max_length)
+    scales = provider_scales(cfg, gt_dir, translator, judge)
+    pool = PromptPool.from_provider(gt_dir)
+    seeds = {}
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_init, initargs=(os.environ.get("FEDGT_CACHE"),)) as workers:
+        for seed in args.seeds:
+            print(f"=== seed {seed}", flush=True)
+            seeds[str(seed)] = run_seed(args, config_for(args, seed), translator, gt_dir, scales, pool, workers)
+    results = {"command": "python -m simulations.bench_strategies " + " ".join(argv if argv is not None else
+                                                                                 sys.argv[1:]),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+                          f"GT device {translator.device}; nothing else ran",
+               "date": time.strftime("%Y-%m-%d"),
+               "config": {"organizations": cfg.federation.num_organizations, "rounds": cfg.federation.num_server_rounds,
+                          "seeds": args.seeds, "gt": str(gt_dir), "data": cfg.data.__dict__,
+                          "train": cfg.train.__dict__, "distill": cfg.distill.__dict__,
+                          "density": cfg.strategy.density},
+               "merge_scales": scales, "seeds": seeds}
+    results["summary"] = summarize_seeds(seeds)
+    results["headline"] = headline(results)
+    if args.scale and not args.quick:
+        results["scale"] = scale_runs(cfg)
+    results["total_wall_s"] = time.time() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / f"{args.name}.md").write_text(render(results))
+    plot(results, args.out / f"{args.name}.png")
+    print(render(results))
+    return results
+
+
+def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales: dict, pool: PromptPool,
+             workers) -> dict:
+    """Every configuration on one seed's organizations: references, per-round scores, per-organization rows."""
+    tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
     lora = cfg.lora_settings()
     tiny_model = attach_lora(load_model(tiny_name)[0], lora)
     llm_model = attach_lora(load_model(llm_name)[0], lora)
@@ -154,162 +247,219 @@ def main(argv=None) -> dict:
     evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
                              cfg.train.max_length)
     print(f"{n_orgs} organizations: fine-tuning the LLM on each for the LGR ceiling", flush=True)
-    ceiling = evaluator.compute_ceiling(orgs, cfg.finetune_config())
-    base_scores = evaluator(_fresh(tiny_spec, tiny_init, llm_spec, llm_init, lora, translator).llm)
-    llm_refs, _ = _llm_references(evaluator, cfg, orgs)
+    evaluator.compute_ceiling(orgs, cfg.finetune_config())
+    evaluator(GlobalAdapter(llm_spec, llm_init, lora, "naive"))  # sets the base scores
+    d = cfg.distill
+    consolidator = Consolidator(llm_name, lora, pool, DistillConfig(
+        prompts_per_teacher=d.prompts_per_teacher, neighbours=d.neighbours, steps=d.steps, lr=d.lr,
+        batch_size=d.batch_size, max_length=cfg.train.max_length, seed=cfg.train.seed), translator.device)
 
     cache: dict = {}
-    ctx = mp.get_context("spawn")
     runs = {}
-    with ctx.Pool(args.workers, initializer=_init, initargs=(os.environ.get("FEDGT_CACHE"),)) as pool:
-        combos = [(space, scheme, aggregator, mode) for space in args.spaces.split(",") if space
-                  for scheme in args.schemes.split(",") if scheme and (space == "factors" or scheme == "retranslate")
-                  for aggregator in args.aggregators.split(",") if aggregator for mode in MODES]
-        for space, scheme, aggregator, mode in combos:
-            name = f"{aggregator}/{mode}/{scheme}/{space}"
-            s = GradTransformerStrategy(
-                translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init,
-                llm_init=llm_init, lora=lora, mode=mode, aggregator=aggregator,
-                trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
-                max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=space)
-            evaluator_run = _evaluator_copy(evaluator, llm_name, lora, orgs, public, cfg, translator)
-            rows = []
-            for rnd in range(1, rounds + 1):
-                base, start = s.tiny.base_factors(), dict(s.tiny.current)
-                key = _digest(base, start)
-                todo = [i for i in range(n_orgs) if (i, rnd, key) not in cache]
-                results = pool.map(_client, [(cfg, orgs[i], base, start, rnd) for i in todo])
-                cache.update({(i, rnd, key): r for i, r in zip(todo, results, strict=True)})
-                contributions = [(i, cache[(i, rnd, key)][0], cache[(i, rnd, key)][1]["num-examples"],
-                                  cache[(i, rnd, key)][1]) for i in range(n_orgs)]
-                t0 = time.perf_counter()
-                s.apply(rnd, contributions)
-                server_s = time.perf_counter() - t0
-                scores = evaluator_run(s.llm, s.llm_weight_change())
-                rows.append({"round": rnd, "server_s": server_s,
-                             **{k: v for k, v in scores.items() if k != "orgs"}})
-            runs[name] = {"aggregator": aggregator, "mode": mode, "scheme": scheme, "space": space,
-                          "rounds": rows}
-            last = rows[-1]
-            print(f"{name:<55} LGR EM/loss after round {rounds}: {last.get('lgr-em', float('nan')):.3f} / "
-                  f"{last.get('lgr', float('nan')):.3f}  server {sum(r['server_s'] for r in rows):.2f} s",
-                  flush=True)
+    combos = [(space, scheme, aggregator, mode) for space in args.spaces.split(",") if space
+              for scheme in args.schemes.split(",") if scheme and (space == "factors" or scheme == "retranslate")
+              for aggregator in args.aggregators.split(",") if aggregator
+              for mode in args.modes.split(",") if mode and (aggregator != "distill" or mode == MODES[0])]
+    for space, scheme, aggregator, mode in combos:
+        name = f"{aggregator}/{mode}/{scheme}/{space}"
+        s = GradTransformerStrategy(
+            translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init,
+            llm_init=llm_init, lora=lora, mode=mode, aggregator=aggregator,
+            trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
+            max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=space,
+            merge_scale=scales["gt"][aggregator]["scale"] if aggregator in MERGES else 1.0,
+            density=cfg.strategy.density, distill=consolidator if aggregator == "distill" else None)
+        rows = []
+        for rnd in range(1, rounds + 1):
+            base, start = s.tiny.base_factors(), dict(s.tiny.current)
+            key = _digest(base, start)
+            todo = [i for i in range(n_orgs) if (i, rnd, key) not in cache]
+            results = workers.map(_client, [(cfg, orgs[i], base, start, rnd) for i in todo])
+            cache.update({(i, rnd, key): r for i, r in zip(todo, results, strict=True)})
+            contributions = [(i, cache[(i, rnd, key)][0], cache[(i, rnd, key)][1]["num-examples"],
+                              cache[(i, rnd, key)][1]) for i in range(n_orgs)]
+            t0 = time.perf_counter()
+            s.apply(rnd, contributions)
+            server_s = time.perf_counter() - t0
+            scores = evaluator(s.llm, s.llm_weight_change())
+            row = {"round": rnd, "server_s": server_s, **{k: v for k, v in scores.items() if k != "orgs"},
+                   "per_org": _per_org_lgr(list(scores["orgs"].values()), evaluator),
+                   "tiny_em": [c[3].get("tiny-test-em") for c in contributions], **s.distill_stats}
+            row["lgr-em-median"] = _median(row["per_org"]["lgr-em"])
+            row["lgr-median"] = _median(row["per_org"]["lgr"])
+            if s.org_llm:
+                row["own_adapter"] = _own_adapters(s, evaluator)
+            rows.append(row)
+        runs[name] = {"aggregator": aggregator, "mode": mode, "scheme": scheme, "space": space, "rounds": rows}
+        last = rows[-1]
+        print(f"{name:<55} LGR EM pooled/median, loss after round {rounds}: {last.get('lgr-em', math.nan):.3f} / "
+              f"{last['lgr-em-median']:.3f}, {last.get('lgr', math.nan):.3f}  server "
+              f"{sum(r['server_s'] for r in rows):.1f} s", flush=True)
     round1 = [cache[(i, 1, _digest({}, dict(tiny_init)))] for i in range(n_orgs)]
-    tiny_round1 = [m for _, m in round1]
-    weights = torch.tensor([m["num-examples"] for m in tiny_round1])
-    gt_updates = translator(torch.stack([t for t, _ in round1]))
-    refs = {
-        "llm_base": _pooled(base_scores, evaluator),
-        "tiny_ft_round1": {"org-em": _mean([m.get("tiny-test-em") for m in tiny_round1]),
-                           "org-loss": _mean([m.get("tiny-test-loss") for m in tiny_round1])},
-        "llm_ft_per_org": {"org-em": _mean([c.get("exact_match") for c in ceiling]),
-                           "org-loss": _mean([c["loss"] for c in ceiling])},
-        **llm_refs,
-        "gt_deltaw_mean_round1": _scores_ref(deltaw_mean_scores(evaluator, gt_updates, weights / weights.sum())),
-    }
-    for key in ("tiny_ft_round1", *llm_refs, "gt_deltaw_mean_round1"):
-        refs[key].update(_lgr(refs[key], evaluator))
-    results = {"command": "python -m simulations.bench_strategies " + " ".join(argv if argv is not None else
-                                                                                 sys.argv[1:]),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-                          f"GT device {translator.device}",
-               "config": {"organizations": n_orgs, "rounds": rounds, "gt": str(gt_dir),
-                          "data": cfg.data.__dict__, "train": cfg.train.__dict__},
-               "references": refs, "runs": runs, "client_rounds_computed": len(cache)}
-    if not args.no_scale and not args.quick:
-        results["scale"] = scale_runs(cfg)
-    results["total_wall_s"] = time.time() - t_start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1, default=float))
-    (args.out / f"{args.name}.md").write_text(render(results))
-    plot(results, args.out / f"{args.name}.png")
-    print(render(results))
-    return results
+    refs = references(evaluator, cfg, orgs, round1, translator, scales, consolidator)
+    return {"organizations": [o.name for o in orgs], "base": evaluator.base_scores, "ceiling": evaluator.ceiling,
+            "references": refs, "runs": runs}
 
 
-def _fresh(tiny_spec, tiny_init, llm_spec, llm_init, lora, translator) -> GradTransformerStrategy:
-    return GradTransformerStrategy(translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec,
-                                   tiny_init=tiny_init, llm_init=llm_init, lora=lora)
+def _median(xs: list) -> float:
+    xs = sorted(x for x in xs if x is not None and x == x)
+    if not xs:
+        return math.nan
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def _evaluator_copy(ev: LLMEvaluator, llm_name, lora, orgs, public, cfg, translator) -> LLMEvaluator:
-    """A fresh evaluator (its own base weights for merged rounds) sharing the computed references."""
-    new = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device, cfg.train.max_length)
-    new.base_scores, new.ceiling = ev.base_scores, ev.ceiling
-    return new
+def _per_org_lgr(scores: list[dict], ev: LLMEvaluator) -> dict:
+    """Each organization's EM and its own LGR (EM and loss); None where its ceiling equals the base."""
+    out = {"em": [s.get("exact_match") for s in scores], "loss": [s["loss"] for s in scores]}
+    for key, name in (("exact_match", "lgr-em"), ("loss", "lgr")):
+        vals = []
+        for s, b, c in zip(scores, ev.base_scores, ev.ceiling, strict=True):
+            den = c.get(key, math.nan) - b.get(key, math.nan)
+            vals.append((s.get(key, math.nan) - b[key]) / den if key in s and den not in (0, math.nan) and den == den
+                        else None)
+        out[name] = vals
+    return out
 
 
-def _scores_ref(scores: list[dict]) -> dict:
-    return {"org-em": _mean([s.get("exact_match") for s in scores]), "org-loss": _mean([s["loss"] for s in scores]),
-            "_per_org": scores}
+def _own_adapters(s: GradTransformerStrategy, ev: LLMEvaluator) -> dict:
+    """Each organization scored with its own LLM adapter: alone, and on top of the shared LLM."""
+    nodes = sorted(s.org_llm)
+    tokens = torch.stack([s.org_llm[n] for n in nodes])
+    tests = [ev.org_tests[n] for n in nodes]
+    shared = s.llm_weight_change()
+    ev.judge.set_dense(shared if shared is not None else {})
+    on_shared = ev.judge.score(tokens, tests)
+    ev.judge.set_dense({})
+    alone = ev.judge.score(tokens, tests)
+    return {"alone": _per_org_lgr(alone, ev), "on_shared": _per_org_lgr(on_shared, ev)}
 
 
-def _llm_references(ev: LLMEvaluator, cfg: FedConfig, orgs) -> tuple[dict, torch.Tensor]:
-    """References for one shared LLM trained by the organizations themselves (simulation only).
-
-    ``llm_fedavg_round1``: FedAvg of their own LLM LoRA updates (factors averaged, as FedAvg does);
-    ``llm_deltaw_mean_round1``: the exact weighted mean of their weight changes (s * B_i @ A_i);
-    ``llm_union_ft``: the LLM fine-tuned on the union of their data with the same budget (centralised).
-    """
+def references(ev: LLMEvaluator, cfg: FedConfig, orgs, round1, translator: Translator, scales: dict,
+               consolidator: Consolidator) -> dict:
+    """What the organizations would get without the GT (simulation only), and the GT's plain mean."""
     from fedgt.provider.shadow import LoraTuner
 
     tuner = LoraTuner(ev.llm_model, ev.lora)
     ups = torch.stack([tuner.tokens(tuner.run(list(o.train), cfg.finetune_config()).update) for o in orgs])
     weights = torch.tensor([len(o.train) for o in orgs], dtype=torch.float32)
     weights = weights / weights.sum()
+    tiny = torch.stack([t for t, _ in round1])
+    tiny_scores = [{"exact_match": m.get("tiny-test-em"), "loss": m.get("tiny-test-loss")} for _, m in round1]
     mean = (ups * weights.view(-1, 1, 1)).sum(0)
-    refs = {"llm_fedavg_round1": _scores_ref(ev.judge.score(mean.unsqueeze(0).expand(len(orgs), -1, -1),
-                                                            ev.org_tests)),
-            "llm_deltaw_mean_round1": _scores_ref(deltaw_mean_scores(ev, ups, weights))}
+    refs = {"tiny_ft_round1": tiny_scores,
+            "llm_fedavg_round1": ev.judge.score(mean.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests),
+            "llm_deltaw_mean_round1": _dense_scores(ev, dense_vectors(ev.judge, ups, ev.lora.scaling).T @ weights)}
+    for method in MERGES:
+        merged = merge_fn(method, cfg.strategy.density)(dense_vectors(ev.judge, ups, ev.lora.scaling),
+                                                         scales["oracle"][method]["scale"])
+        refs[f"llm_{method}_round1"] = _dense_scores(ev, merged)
+    t0 = time.perf_counter()
+    joint = consolidator(ups, tiny)
+    refs["llm_distill_round1"] = ev.judge.score(joint.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests)
+    distill_s = time.perf_counter() - t0
+    gt = translator(tiny)
+    refs["gt_deltaw_mean_round1"] = _dense_scores(ev, dense_vectors(ev.judge, gt, ev.lora.scaling).T @ weights)
+    refs["gt_own_round1"] = ev.judge.score(gt, ev.org_tests)
     union = [ex for o in orgs for ex in o.train]
     u = tuner.tokens(tuner.run(union, cfg.finetune_config()).update)
-    refs["llm_union_ft"] = _scores_ref(ev.judge.score(u.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests))
-    return refs, ups
+    refs["llm_union_ft"] = ev.judge.score(u.unsqueeze(0).expand(len(orgs), -1, -1), ev.org_tests)
+    out = {k: {"per_org": _per_org_lgr(v, ev), **_pooled(v, ev)} for k, v in refs.items()}
+    out["llm_distill_round1"]["server_s"] = distill_s
+    return out
 
 
-def deltaw_mean_scores(ev: LLMEvaluator, updates: torch.Tensor, weights: torch.Tensor) -> list[dict]:
-    """Scores of base + sum_i w_i * s * B_i @ A_i (the exact mean in weight space, not of the factors)."""
-    from fedgt.core.judge import LLMJudge
-    from fedgt.core.lora import merge_into_base
-    from fedgt.server.global_adapter import concat_pieces
+def _dense_scores(ev: LLMEvaluator, vector: torch.Tensor) -> list[dict]:
+    """Scores of base + one dense weight change (flattened in spec order) on every organization's test split."""
+    from fedgt.core.dense import vector_to_dense
 
-    judge = LLMJudge(ev.llm_model, ev.lora, device=ev.judge.device)
-    init = {k: v.cpu() for k, v in judge.init.items()}
-    pieces = []
-    for tokens, w in zip(updates, weights.tolist(), strict=True):
-        delta = unflatten(tokens, judge.spec)
-        piece = {k: init[k] + delta[k] for k in judge.spec.keys}
-        pieces.append({k: v * w if "lora_B" in k else v for k, v in piece.items()})
-    merge_into_base(judge.model, concat_pieces(pieces, judge.spec), ev.lora.scaling)
-    zeros = torch.zeros(len(ev.org_tests), judge.spec.num_layers, judge.spec.token_dim)
-    return judge.score(zeros, ev.org_tests)
+    ev.judge.set_dense(vector_to_dense(vector, ev.judge.spec))
+    zeros = torch.zeros(len(ev.org_tests), ev.judge.spec.num_layers, ev.judge.spec.token_dim)
+    try:
+        return ev.judge.score(zeros, ev.org_tests)
+    finally:
+        ev.judge.set_dense({})
+
+
+def _pooled(scores: list[dict], ev: LLMEvaluator) -> dict:
+    """Mean EM / loss over organizations, pooled LGR and the median of per-organization LGR."""
+    out = {}
+    per = _per_org_lgr(scores, ev)
+    for key, src, lgr in (("org-em", "exact_match", "lgr-em"), ("org-loss", "loss", "lgr")):
+        vals = [s.get(src) for s in scores]
+        if all(v is not None for v in vals):
+            out[key] = sum(vals) / len(vals)
+            out[lgr] = pooled_ratio(vals, [b[src] for b in ev.base_scores], [c[src] for c in ev.ceiling])
+            out[lgr + "-median"] = _median(per[lgr])
+    return out
+
+
+def _stat(xs: list) -> dict:
+    xs = [x for x in xs if x is not None and x == x]
+    if not xs:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    m = sum(xs) / len(xs)
+    return {"mean": m, "std": (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5, "n": len(xs)}
+
+
+def summarize_seeds(seeds: dict) -> dict:
+    """Mean and spread over seeds of every reference and of every run's per-round scores."""
+    first = next(iter(seeds.values()))
+    keys = ("org-em", "lgr-em", "lgr-em-median", "lgr", "lgr-median", "public-loss", "server_s")
+    refs = {r: {k: _stat([s["references"][r].get(k) for s in seeds.values()]) for k in keys[:5]}
+            for r in first["references"]}
+    runs = {}
+    for name, run in first["runs"].items():
+        rows = []
+        for i, _ in enumerate(run["rounds"]):
+            got = [s["runs"][name]["rounds"][i] for s in seeds.values()]
+            row = {k: _stat([g.get(k) for g in got]) for k in keys}
+            if "own_adapter" in got[0]:
+                for kind in ("alone", "on_shared"):
+                    row[f"own-{kind}-lgr-em"] = _stat([_pool_list(g["own_adapter"][kind]["lgr-em"]) for g in got])
+                    row[f"own-{kind}-lgr-em-median"] = _stat([_median(g["own_adapter"][kind]["lgr-em"])
+                                                                for g in got])
+                    row[f"own-{kind}-em"] = _stat([_mean(g["own_adapter"][kind]["em"]) for g in got])
+            rows.append(row)
+        runs[name] = rows
+    return {"references": refs, "runs": runs}
+
+
+def _pool_list(xs: list) -> float:
+    return _mean(xs)
 
 
 def _mean(xs):
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and x == x]
     return sum(xs) / len(xs) if xs else None
 
 
-def _pooled(scores: dict, ev: LLMEvaluator) -> dict:
-    return {k: scores[k] for k in ("org-em", "org-loss") if k in scores}
+def beats_tiny(seed: dict, run: str) -> int:
+    """How many organizations score a higher EM with their own LLM adapter (last round) than with their own TinyLM."""
+    own = seed["runs"][run]["rounds"][-1]["own_adapter"]["alone"]["em"]
+    tiny = seed["references"]["tiny_ft_round1"]["per_org"]["em"]
+    return sum(1 for a, t in zip(own, tiny, strict=True) if a is not None and t is not None and a > t)
 
 
-def _lgr(ref: dict, ev: LLMEvaluator) -> dict:
-    base = ev.base_scores
-    out = {}
-    per = ref.pop("_per_org", None)
-    if per is not None:
-        for key, name in (("exact_match", "lgr-em"), ("loss", "lgr")):
-            if all(key in s for s in per + base + ev.ceiling):
-                out[name] = pooled_ratio([s[key] for s in per], [s[key] for s in base], [s[key] for s in ev.ceiling])
-    else:
-        n = len(base)
-        for key, src, name in (("exact_match", "org-em", "lgr-em"), ("loss", "org-loss", "lgr")):
-            if ref.get(src) is not None and all(key in s for s in base + ev.ceiling):
-                lo = sum(s[key] for s in base) / n
-                hi = sum(s[key] for s in ev.ceiling) / n
-                out[name] = (ref[src] - lo) / (hi - lo) if hi != lo else float("nan")
-    return out
+def headline(results: dict) -> dict:
+    """The recommended configuration's figures (means over seeds; fractions in [0, 1])."""
+    summary, seeds = results["summary"], results["seeds"]
+    name = next((n for n in summary["runs"] if n.startswith(RECOMMENDED + "/")), None)
+    if name is None:
+        return {}
+    last = summary["runs"][name][-1]
+    refs = summary["references"]
+    merges = {n: rows[-1]["lgr-em"]["mean"] for n, rows in summary["runs"].items() if n.split("/")[0] in MERGES}
+    best_merge = max(merges, key=merges.get) if merges else None
+    counts = [beats_tiny(s, name) for s in seeds.values()]
+    return {"orgs": results["config"]["organizations"], "seeds": len(seeds), "configuration": name,
+            "own_tiny_em": refs["tiny_ft_round1"]["org-em"]["mean"], "shared_llm_em": last["org-em"]["mean"],
+            "shared_llm_lgr_em": last["lgr-em"]["mean"], "shared_llm_lgr_em_median": last["lgr-em-median"]["mean"],
+            "shared_llm_lgr_loss": last["lgr"]["mean"],
+            "best_weight_merge": best_merge.split("/")[0] if best_merge else None,
+            "best_weight_merge_lgr_em": merges.get(best_merge),
+            "oracle_consolidation_lgr_em": refs["llm_distill_round1"]["lgr-em"]["mean"],
+            "own_adapter_beats_tiny": int(statistics.median(counts)), "own_adapter_beats_tiny_per_seed": counts}
 
 
 def scale_runs(cfg: FedConfig) -> dict:
@@ -341,31 +491,85 @@ def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
+def _ms(stat: dict) -> str:
+    """mean ± std (over seeds) as percentages."""
+    if stat["n"] == 0:
+        return "-"
+    return _pct(stat["mean"]) + (f" ± {100 * stat['std']:.1f}" if stat["n"] > 1 else "")
+
+
 def render(results: dict) -> str:
     """Markdown report."""
-    c, refs = results["config"], results["references"]
+    c, summary = results["config"], results["summary"]
+    refs = summary["references"]
     lines = ["# Aggregation strategies", "", f"Command: `{results['command']}`  ",
-             f"Machine: {results['machine']}  ",
-             f"{c['organizations']} organizations x {c['rounds']} rounds; GT `{c['gt']}`; data {c['data']}", "",
-             "LGR = (P - P_untuned_LLM) / (P_LLM_fine-tuned_on_the_org - P_untuned_LLM), pooled over organizations; "
-             "EM = exact match. Server time: GT + aggregation per round.", "",
-             "| reference | org EM | LGR (EM) | LGR (loss) |", "|---|---|---|---|",
-             f"| untuned LLM | {_pct(refs['llm_base'].get('org-em'))} | 0% | 0% |",
-             f"| each organization's own fine-tuned TinyLM (round 1) | {_pct(refs['tiny_ft_round1'].get('org-em'))} | "
-             f"{_pct(refs['tiny_ft_round1'].get('lgr-em'))} | {_pct(refs['tiny_ft_round1'].get('lgr'))} |",
-             *(f"| {label} | {_pct(refs[key].get('org-em'))} | {_pct(refs[key].get('lgr-em'))} | "
-               f"{_pct(refs[key].get('lgr'))} |" for key, label in REFERENCE_LABELS if key in refs),
-             "| LLM fine-tuned on each organization's own data (ceiling) | "
-             f"{_pct(refs['llm_ft_per_org'].get('org-em'))} | 100% | 100% |", ""]
+             f"Machine: {results['machine']}  ", f"Date: {results.get('date', '-')}  ",
+             f"{c['organizations']} organizations x {c['rounds']} rounds, seeds {c['seeds']} (each seed draws other "
+             f"domains and samples); GT `{c['gt']}`; distill {c['distill']}", "",
+             "LGR = (P - P_untuned_LLM) / (P_LLM_fine-tuned_on_the_org - P_untuned_LLM). *pooled*: sums over "
+             "organizations; *median*: the median of each organization's own LGR (one easy domain cannot carry it). "
+             "EM = exact match. Mean ± standard deviation over seeds.", "",
+             "## References (round 1)", "",
+             "| reference | org EM | LGR (EM) pooled | LGR (EM) median | LGR (loss) pooled |", "|---|---|---|---|---|",
+             "| untuned LLM | " + _pct(_mean([_mean([b.get("exact_match") for b in s["base"]])
+                                           for s in results["seeds"].values()])) + " | 0% | 0% | 0% |"]
+    labels = dict(REFERENCE_LABELS)
+    labels["gt_own_round1"] = "each organization's own LLM adapter (the GT's image of its update)"
+    for key, label in labels.items():
+        if key in refs:
+            r = refs[key]
+            lines.append(f"| {label} | {_ms(r['org-em'])} | {_ms(r['lgr-em'])} | {_ms(r['lgr-em-median'])} | "
+                         f"{_ms(r['lgr'])} |")
+    lines += ["| LLM fine-tuned on each organization's own data (ceiling) | " + _pct(_mean(
+        [_mean([x.get("exact_match") for x in s["ceiling"]]) for s in results["seeds"].values()])) +
+        " | 100% | 100% | 100% |", ""]
     rounds = c["rounds"]
-    head = " | ".join(f"r{r} EM / loss" for r in range(1, rounds + 1))
-    lines += [f"| aggregator | order | rounds | space | LGR {head} | server s/round |",
-              "|---|---|---|---|" + "---|" * rounds + "---|"]
-    for run in results["runs"].values():
-        cells = " | ".join(f"{_pct(r.get('lgr-em'))} / {_pct(r.get('lgr'))}" for r in run["rounds"])
-        server = sum(r["server_s"] for r in run["rounds"]) / len(run["rounds"])
-        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['scheme']} | {run.get('space', 'factors')} | "
-                     f"{cells} | {server:.3f} |")
+    head = " | ".join(f"r{r} LGR EM pooled / median / loss" for r in range(1, rounds + 1))
+    lines += ["## The shared LLM", "", f"| aggregator | order | space | {head} | org EM (last) | server s/round |",
+              "|---|---|---|" + "---|" * rounds + "---|---|"]
+    first = next(iter(results["seeds"].values()))
+    for name, rows in summary["runs"].items():
+        run = first["runs"][name]
+        cells = " | ".join(f"{_ms(r['lgr-em'])} / {_ms(r['lgr-em-median'])} / {_ms(r['lgr'])}" for r in rows)
+        server = _mean([r["server_s"]["mean"] for r in rows])
+        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['space']} | {cells} | "
+                     f"{_ms(rows[-1]['org-em'])} | {server:.2f} |")
+    lines += ["", "## Each organization's own LLM adapter (last round)", "",
+              "| aggregator | own alone: EM / LGR EM pooled / median | own on the shared LLM: EM / pooled / median "
+              "| organizations whose own adapter beats their own TinyLM (per seed) |", "|---|---|---|---|"]
+    for name, rows in summary["runs"].items():
+        r = rows[-1]
+        if "own-alone-em" not in r:
+            continue
+        counts = [beats_tiny(s, name) for s in results["seeds"].values()]
+        lines.append(f"| {name.split('/')[0]} | {_ms(r['own-alone-em'])} / {_ms(r['own-alone-lgr-em'])} / "
+                     f"{_ms(r['own-alone-lgr-em-median'])} | {_ms(r['own-on_shared-em'])} / "
+                     f"{_ms(r['own-on_shared-lgr-em'])} / {_ms(r['own-on_shared-lgr-em-median'])} | "
+                     f"{counts} of {c['organizations']} |")
+    rec = next((n for n in summary["runs"] if n.startswith(RECOMMENDED + "/")), None)
+    if rec is not None:
+        seed0 = first
+        last = seed0["runs"][rec]["rounds"][-1]
+        lines += ["", f"## Per organization (seed {c['seeds'][0]}, `{rec}`, last round; exact match)", "",
+                  "| organization | own TinyLM | shared LLM | own LLM adapter | own adapter on the shared LLM | "
+                  "ceiling |", "|---|---|---|---|---|---|"]
+        tiny = seed0["references"]["tiny_ft_round1"]["per_org"]["em"]
+        for i, org in enumerate(seed0["organizations"]):
+            lines.append(f"| {org} | {_pct(tiny[i])} | {_pct(last['per_org']['em'][i])} | "
+                         f"{_pct(last['own_adapter']['alone']['em'][i])} | "
+                         f"{_pct(last['own_adapter']['on_shared']['em'][i])} | "
+                         f"{_pct(seed0['ceiling'][i].get('exact_match'))} |")
+    lines += ["", "## Merge scales chosen by the provider on public data", "",
+              "Groups of shadow domains play the organizations; the mean EM of each scale on their public test "
+              "examples.", "", "| method | updates | chosen scale | EM by scale |", "|---|---|---|---|"]
+    for source, methods in results["merge_scales"].items():
+        for method, v in methods.items():
+            table = ", ".join(f"{k}: {_pct(e)}" for k, e in v["em_by_scale"].items())
+            lines.append(f"| {method} | {'GT images' if source == 'gt' else 'true LLM updates'} | {v['scale']} | "
+                         f"{table} |")
+    if results.get("headline"):
+        lines += ["", "## Headline (recommended configuration)", "", "```json",
+                  json.dumps(results["headline"], indent=1, default=float), "```"]
     if "scale" in results:
         lines += ["", "## Scale (`flwr run`, 3 rounds, simulations/scale_100.toml)", "",
                   "| organizations | wall s | ServerApp peak RSS MB | final org EM |", "|---|---|---|---|"]
@@ -377,28 +581,27 @@ def render(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """LGR (EM) per round for every configuration."""
+    """LGR (EM) of the shared LLM per round, pooled and median, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("weights", "retranslate"), *(("factors", s) for s in SCHEMES)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.6), sharey=True)
-    for ax, (space, scheme) in zip(axes, panels, strict=True):
-        for run in results["runs"].values():
-            if run["scheme"] != scheme or run.get("space", "factors") != space:
-                continue
-            ys = [r.get("lgr-em", float("nan")) for r in run["rounds"]]
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", ls="-" if run["mode"].startswith("transform") else "--",
-                    label=f"{run['aggregator']} {'T→A' if run['mode'].startswith('transform') else 'A→T'}")
-        ref = results["references"]["llm_fedavg_round1"].get("lgr-em")
-        if ref is not None:
-            ax.axhline(ref, color="gray", ls=":", label="FedAvg of LLM updates")
-        ax.set_title(f"{space} space, rounds = {scheme}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    refs = results["summary"]["references"]
+    for ax, key, title in ((axes[0], "lgr-em", "pooled"), (axes[1], "lgr-em-median", "median over organizations")):
+        for name, rows in results["summary"]["runs"].items():
+            ys = [r[key]["mean"] for r in rows]
+            err = [r[key]["std"] if r[key]["n"] > 1 else 0 for r in rows]
+            ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3, label=name.split("/")[0])
+        for ref, style, label in (("tiny_ft_round1", ":", "own TinyLM"), ("llm_union_ft", "--", "union fine-tune"),
+                                  ("llm_distill_round1", "-.", "consolidation, oracle teachers")):
+            if ref in refs:
+                ax.axhline(refs[ref][key]["mean"], color="gray", ls=style, label=label)
+        ax.set_title(f"shared LLM, LGR (EM), {title}")
         ax.set_xlabel("round")
     axes[0].set_ylabel("LGR (exact match)")
-    axes[-1].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -327,8 +327,16 @@ class GradTransformerStrategy(FedAvg):
         for _ in llm_updates():  # fills org_llm
             pass
         teachers = torch.stack([self.org_llm[a[0]] for a in accepted])  # (T, Lt, Dt)
-        joint = self.distill(teachers, torch.stack([shift(t) for _, t, _, _ in accepted]))
-        self.distill_stats = dict(getattr(self.distill, "last_stats", {}))
+        try:
+            joint = self.distill(teachers, torch.stack([shift(t) for _, t, _, _ in accepted]))
+        except ValueError as err:  # e.g. no teacher answered a prompt: this round falls back to the mean
+            log.warning("round %d: consolidation failed (%s); the LLM update is the mean of the organizations'",
+                        self._round, err)
+            self.distill_stats = {"distill-fallback": 1.0}
+            mean = self._aggregate(((self._llm_vector(t), a[2]) for t, a in zip(teachers, accepted, strict=True)),
+                                   n, tiny=True)
+            return tiny_agg, mean, dp_metrics
+        self.distill_stats = {**getattr(self.distill, "last_stats", {}), "distill-fallback": 0.0}
         return tiny_agg, self._llm_vector(joint), dp_metrics
 
     def _aggregate(self, vectors: Iterable[tuple[torch.Tensor, float]], capacity: int, tiny: bool = False

@@ -270,3 +270,16 @@ def test_each_organization_keeps_its_own_llm_update_alone_and_on_the_shared_llm(
     torch.testing.assert_close(on_shared, s.llm_dense + _dense(ups[1]), atol=1e-6, rtol=0)
     with pytest.raises(KeyError, match="node 7"):
         s.org_weight_change(7)
+
+
+def test_a_failed_consolidation_falls_back_to_the_mean_and_the_round_goes_on() -> None:
+    ups, sizes = [update(s) for s in range(3)], [10, 30, 60]
+
+    def distill(teachers: torch.Tensor, tiny: torch.Tensor) -> torch.Tensor:
+        raise ValueError("consolidation: no teacher finished an answer")
+
+    s = strategy(space="weights", rounds="retranslate", aggregator="distill", distill=distill)
+    _, metrics = s.aggregate_train(1, [good(i + 1, u, n) for i, (u, n) in enumerate(zip(ups, sizes, strict=True))])
+    expected = sum(n / 100 * _dense(u) for u, n in zip(ups, sizes, strict=True))
+    torch.testing.assert_close(s.llm_dense, expected, atol=1e-5, rtol=0)
+    assert metrics["distill-fallback"] == 1.0

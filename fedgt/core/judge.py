@@ -45,6 +45,22 @@ class LLMJudge:
         for p in self.model.parameters():
             p.requires_grad_(False)  # the judge is never trained; gradients flow only into the given factors
         self.max_length = max_length
+        self._base_weights: dict[str, torch.Tensor] | None = None  # the untouched base, kept by set_dense
+
+    @torch.no_grad()
+    def set_dense(self, change: dict[str, torch.Tensor]) -> None:
+        """Base weights + a dense change per LoRA module (reset from the untouched base each call; {} = base)."""
+        modules = dict(self.model.named_modules())
+        if self._base_weights is None:
+            self._base_weights = {n[len("base_model.model."):]: m.base_layer.weight.detach().clone()
+                                  for n, m in modules.items() if hasattr(m, "base_layer")
+                                  and n.startswith("base_model.model.")}
+        unknown = sorted(set(change) - set(self._base_weights))
+        if unknown:
+            raise KeyError(f"set_dense: {unknown[:3]} are not LoRA-wrapped modules")
+        for m, base in self._base_weights.items():
+            layer = modules["base_model.model." + m].base_layer
+            layer.weight.copy_(base + change[m].to(base) if m in change else base)
 
     @property
     def device(self) -> torch.device:

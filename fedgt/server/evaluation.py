@@ -35,19 +35,8 @@ class LLMEvaluator:
         self.org_tests = [list(o.test[:test_examples]) for o in orgs]
         self.public = list(public)
         self.folded = 0
-        self._base_weights: dict[str, torch.Tensor] | None = None  # weights space: the untouched base, to reset
         self.base_scores: list[dict] | None = None
         self.ceiling: list[dict] | None = None
-
-    @torch.no_grad()
-    def _set_dense(self, change: dict[str, torch.Tensor]) -> None:
-        """Weights space: base weights + the dense change (reset from the untouched base each time)."""
-        modules = dict(self.judge.model.named_modules())
-        layers = {m: modules["base_model.model." + m].base_layer for m in change}
-        if self._base_weights is None:
-            self._base_weights = {m: layer.weight.detach().clone() for m, layer in layers.items()}
-        for m, layer in layers.items():
-            layer.weight.copy_(self._base_weights[m] + change[m].to(layer.weight))
 
     @torch.no_grad()
     def __call__(self, adapter: GlobalAdapter, dense: dict[str, torch.Tensor] | None = None) -> dict:
@@ -56,7 +45,7 @@ class LLMEvaluator:
         ``dense`` (weights space): the LLM is base + these dense changes, and the adapter's factors are unused.
         """
         if dense is not None:
-            self._set_dense(dense)
+            self.judge.set_dense(dense)
             delta = {k: torch.zeros_like(v) for k, v in adapter.init.items()}
         else:
             for piece in adapter.merged[self.folded:]:

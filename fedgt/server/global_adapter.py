@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
+from fedgt.core.dense import dense_change, dense_shapes, dense_to_vector, module_names, vector_to_dense
 from fedgt.core.lora import A_SUFFIX, B_SUFFIX, LoraSettings
 from fedgt.core.updates import UpdateSpec
 
-
-def module_names(spec: UpdateSpec) -> list[str]:
-    """The LoRA-wrapped module paths of a spec, in spec order."""
-    return [k.removesuffix(A_SUFFIX) for k in spec.keys if k.endswith(A_SUFFIX)]
+__all__ = ["GlobalAdapter", "concat_pieces", "dense_as_lora", "dense_change", "dense_shapes", "dense_to_vector",
+           "module_names", "save_dense_peft", "vector_to_dense"]
 
 
 def concat_pieces(pieces: list[Mapping[str, torch.Tensor]], spec: UpdateSpec) -> dict[str, torch.Tensor]:
@@ -102,37 +101,8 @@ class GlobalAdapter:
         return out
 
 
-# --- weight space -------------------------------------------------------------------------------------------------
-# Averaging LoRA factors (mean of B times mean of A) is not the mean of the weight changes B_i @ A_i; across
-# organizations on different data the cross terms cancel most of the signal. In weight space the server keeps
-# one dense change per adapted module instead: memory O(adapted weights), independent of how many organizations.
-
-
-def dense_change(factors: Mapping[str, torch.Tensor], spec: UpdateSpec, scaling: float) -> dict[str, torch.Tensor]:
-    """scaling * B @ A per LoRA module (absolute factors), as dense (out, in) matrices."""
-    return {m: scaling * factors[m + B_SUFFIX].float() @ factors[m + A_SUFFIX].float() for m in module_names(spec)}
-
-
-def dense_shapes(spec: UpdateSpec) -> dict[str, tuple[int, int]]:
-    """(out, in) of each LoRA module's weight."""
-    shapes = dict(zip(spec.keys, spec.shapes, strict=True))
-    return {m: (shapes[m + B_SUFFIX][0], shapes[m + A_SUFFIX][1]) for m in module_names(spec)}
-
-
-def dense_to_vector(change: Mapping[str, torch.Tensor], spec: UpdateSpec) -> torch.Tensor:
-    """Dense changes flattened in spec module order."""
-    return torch.cat([change[m].reshape(-1) for m in module_names(spec)])
-
-
-def vector_to_dense(vector: torch.Tensor, spec: UpdateSpec) -> dict[str, torch.Tensor]:
-    """Inverse of ``dense_to_vector``."""
-    out, start = {}, 0
-    for m, (o, i) in dense_shapes(spec).items():
-        out[m] = vector[start:start + o * i].reshape(o, i)
-        start += o * i
-    if start != vector.numel():
-        raise ValueError(f"dense vector has {vector.numel()} values, the spec's modules take {start}")
-    return out
+# --- weight space (fedgt.core.dense): the server keeps one dense change per adapted module, memory independent of
+# how many organizations; saved as an exact LoRA.
 
 
 def dense_as_lora(change: Mapping[str, torch.Tensor], rtol: float = 1e-6) -> tuple[dict[str, torch.Tensor], int]:
