@@ -70,7 +70,7 @@ AGGREGATORS = ("mean", "trimmed_mean", "task_arithmetic", "ties", "dare", "disti
 MERGES = ("task_arithmetic", "ties", "dare")
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 SCHEMES = ("retranslate", "merge", "naive")
-SCALE_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+SCALE_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # TIES averages (disjoint mean): its scale is ~1-3
 RECOMMENDED = "distill"
 REFERENCE_LABELS = (
     ("tiny_ft_round1", "each organization's own fine-tuned TinyLM (one round from the base)"),
