@@ -122,6 +122,7 @@ class GradTransformerStrategy(FedAvg):
         self.rounds, self.space = rounds, space
         self.merge_scale, self.density, self.distill = merge_scale, density, distill
         self.org_llm: dict[int, torch.Tensor] = {}  # node -> its LLM update (layer tokens) of the last round
+        self.org_partition: dict[int, int] = {}  # simulation only: node -> the partition it emulates
         self.distill_stats: dict[str, float] = {}
         # weights space: the LLM's change from its base, one dense matrix per LoRA module (flattened)
         self.llm_dense = torch.zeros(sum(o * i for o, i in dense_shapes(llm_spec).values())) \
@@ -318,8 +319,10 @@ class GradTransformerStrategy(FedAvg):
             for start in range(0, n, self.gt_batch_size):
                 chunk = accepted[start:start + self.gt_batch_size]
                 out = self.translate(torch.stack([shift(t) for _, t, _, _ in chunk]))
-                for (node, _, w, _), row in zip(chunk, out, strict=True):
+                for (node, _, w, metrics), row in zip(chunk, out, strict=True):
                     self.org_llm[node] = row  # (Lt, Dt): small (LoRA factors), kept for per-organization adapters
+                    if isinstance(metrics.get("sim-partition-id"), int | float):
+                        self.org_partition[node] = int(metrics["sim-partition-id"])
                     yield self._llm_vector(row), w
 
         if self.aggregator != "distill":

@@ -83,7 +83,7 @@ class SimSitesSection:
     max_epsilon: float = 8.0  # the largest ε per round it grants
     max_delta: float = 1e-5
     budget: float = 24.0  # ε over all rounds (RDP); then it declines
-    release: str = "train-loss,tiny-test-loss,tiny-test-em"  # metrics it may send besides the always-sent ones
+    release: str = "train-loss,tiny-test-loss,tiny-test-em,sim-partition-id"  # sent besides the always-sent ones
     policy_file: str = ""  # a TOML file: [default] and [org-N] tables of site-policy keys, per organization
     noise_seed: int = -1  # -1: secret noise; >= 0: reproducible DP noise (never private; logged as a warning)
 

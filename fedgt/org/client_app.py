@@ -80,4 +80,5 @@ def _round(msg: Message, context: Context, cfg: FedConfig, policy: SitePolicy) -
                                   f"{policy.budget:g}"))
     if result.decline is not None:
         log.warning("organization %s declines round %d: %s", context.node_id, server_round, result.decline)
-    return release(result.update, result.spec, result.metrics, policy, result.decline)
+    metrics = {**result.metrics, **({"sim-partition-id": float(nc["partition-id"])} if is_simulated(nc) else {})}
+    return release(result.update, result.spec, metrics, policy, result.decline)

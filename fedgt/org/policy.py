@@ -28,7 +28,9 @@ from fedgt.core.run_config import DPSection, SimSitesSection
 
 # Metrics a policy may choose to release, besides what every reply holds (``fedgt.org.release.ALWAYS``).
 RELEASABLE = ("train-loss", "tiny-test-loss", "tiny-test-em", "dp-epsilon", "dp-delta", "dp-noise-multiplier",
-              "dp-clip", "dp-sample-rate", "dp-sigma", "dp-budget")
+              "dp-clip", "dp-sample-rate", "dp-sigma", "dp-budget", "sim-partition-id")
+# sim-partition-id: an emulated organization's partition (simulation only), so the simulation can score the LLM
+# adapter the server derives from its update on its own test split.
 
 
 class PolicyError(ValueError):

@@ -71,6 +71,30 @@ class LLMEvaluator:
         out["orgs"] = {n: s for n, s in zip(self.org_names, orgs, strict=True)}
         return out
 
+    @torch.no_grad()
+    def own_adapters(self, tokens: torch.Tensor, org_index: Sequence[int], shared: dict[str, torch.Tensor]) -> dict:
+        """Organizations scored with their own LLM updates ``(K, layers, token_dim)``: alone and on the shared LLM.
+
+        Weights space only (``shared``: the shared LLM's dense change). Pooled EM/loss, and LGR where the ceiling is
+        computed; ``orgs``: each organization's rows.
+        """
+        tests = [self.org_tests[i] for i in org_index]
+        self.judge.set_dense(shared)
+        on_shared = self.judge.score(tokens, tests)
+        self.judge.set_dense({})
+        alone = self.judge.score(tokens, tests)
+        out: dict = {"orgs": {self.org_names[i]: {"alone": a, "on_shared": s}
+                              for i, a, s in zip(org_index, alone, on_shared, strict=True)}}
+        for name, scores in (("own", alone), ("own-on-shared", on_shared)):
+            for key, metric in (("exact_match", "em"), ("loss", "loss")):
+                if all(key in s for s in scores):
+                    out[f"{name}-{metric}"] = sum(s[key] for s in scores) / len(scores)
+                    if self.ceiling is not None and self.base_scores is not None:
+                        lo = [self.base_scores[i][key] for i in org_index]
+                        hi = [self.ceiling[i][key] for i in org_index]
+                        out[f"{name}-lgr-{metric}"] = pooled_ratio([s[key] for s in scores], lo, hi)
+        return out
+
     def compute_ceiling(self, orgs: Sequence[DomainData], finetune_cfg: FinetuneConfig) -> list[dict]:
         """The LLM fine-tuned directly on each organization's train split, scored on its test split (call first)."""
         if self.folded:

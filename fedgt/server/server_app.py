@@ -181,6 +181,11 @@ def main(grid: Grid, context: Context) -> None:
         scores = evaluator(strategy.llm, strategy.llm_weight_change())
         row = {"round": server_round, "eval": scores, "eval_s": time.perf_counter() - t0,
                "log": strategy.round_log.get(server_round, {})}
+        change = strategy.llm_weight_change()
+        nodes = [n for n in sorted(strategy.org_llm) if n in strategy.org_partition]
+        if orgs and nodes and change is not None:  # simulation: each organization's own adapter on its test split
+            row["own"] = evaluator.own_adapters(torch.stack([strategy.org_llm[n] for n in nodes]),
+                                                [strategy.org_partition[n] for n in nodes], change)
         rows.append(row)
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
