@@ -56,10 +56,11 @@ from fedgt.core.updates import flatten, spec_of  # noqa: E402
 from fedgt.org.policy import SitePolicy  # noqa: E402
 from fedgt.org.site import local_round  # noqa: E402
 from fedgt.provider.merge_scale import choose_merge_scale, dense_vectors  # noqa: E402
+from fedgt.provider.prompt_pool import PromptPool  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
 from fedgt.provider.public_data import task_shadow_domains  # noqa: E402
 from fedgt.provider.shadow import load_pairs  # noqa: E402
-from fedgt.server.consolidate import Consolidator, DistillConfig, PromptPool  # noqa: E402
+from fedgt.server.consolidate import Consolidator, DistillConfig  # noqa: E402
 from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
 from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
@@ -71,7 +72,7 @@ MERGES = ("task_arithmetic", "ties", "dare")
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
 SCHEMES = ("retranslate", "merge", "naive")
 SCALE_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # TIES averages (disjoint mean): its scale is ~1-3
-RECOMMENDED = "distill"
+RECOMMENDED = "distill/transform-then-aggregate/fresh/weights"
 REFERENCE_LABELS = (
     ("tiny_ft_round1", "each organization's own fine-tuned TinyLM (one round from the base)"),
     ("llm_fedavg_round1", "FedAvg of the organizations' own LLM updates (if they could train the LLM; round 1)"),
@@ -91,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated data seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS))
     p.add_argument("--modes", default="transform-then-aggregate")
-    p.add_argument("--schemes", default="retranslate")
+    p.add_argument("--schemes", default="fresh,retranslate")
     p.add_argument("--spaces", default="weights", help="LLM aggregation spaces (weights: retranslate only)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="any run-config key")
     p.add_argument("--scale", action="store_true", help="also the 10 vs 100 organizations flwr runs")
@@ -250,14 +251,16 @@ def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales:
     evaluator.compute_ceiling(orgs, cfg.finetune_config())
     evaluator(GlobalAdapter(llm_spec, llm_init, lora, "naive"))  # sets the base scores
     d = cfg.distill
-    consolidator = Consolidator(llm_name, lora, pool, DistillConfig(
+    dcfg = DistillConfig(
         prompts_per_teacher=d.prompts_per_teacher, neighbours=d.neighbours, steps=d.steps, lr=d.lr,
-        batch_size=d.batch_size, max_length=cfg.train.max_length, seed=cfg.train.seed), translator.device)
+        batch_size=d.batch_size, max_length=cfg.train.max_length, warm_start=d.warm_start, seed=cfg.train.seed)
+    consolidator = lambda: Consolidator(llm_name, lora, pool, dcfg, translator.device)  # noqa: E731
 
     cache: dict = {}
     runs = {}
     combos = [(space, scheme, aggregator, mode) for space in args.spaces.split(",") if space
-              for scheme in args.schemes.split(",") if scheme and (space == "factors" or scheme == "retranslate")
+              for scheme in args.schemes.split(",") if scheme and (space == "factors" or scheme in ("retranslate",
+                                                                                                          "fresh"))
               for aggregator in args.aggregators.split(",") if aggregator
               for mode in args.modes.split(",") if mode and (aggregator != "distill" or mode == MODES[0])]
     for space, scheme, aggregator, mode in combos:
@@ -268,7 +271,7 @@ def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales:
             trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
             max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=space,
             merge_scale=scales["gt"][aggregator]["scale"] if aggregator in MERGES else 1.0,
-            density=cfg.strategy.density, distill=consolidator if aggregator == "distill" else None)
+            density=cfg.strategy.density, distill=consolidator() if aggregator == "distill" else None)
         rows = []
         for rnd in range(1, rounds + 1):
             base, start = s.tiny.base_factors(), dict(s.tiny.current)
@@ -296,7 +299,7 @@ def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales:
               f"{last['lgr-em-median']:.3f}, {last.get('lgr', math.nan):.3f}  server "
               f"{sum(r['server_s'] for r in rows):.1f} s", flush=True)
     round1 = [cache[(i, 1, _digest({}, dict(tiny_init)))] for i in range(n_orgs)]
-    refs = references(evaluator, cfg, orgs, round1, translator, scales, consolidator)
+    refs = references(evaluator, cfg, orgs, round1, translator, scales, consolidator())
     return {"organizations": [o.name for o in orgs], "base": evaluator.base_scores, "ceiling": evaluator.ceiling,
             "references": refs, "runs": runs}
 
@@ -444,7 +447,8 @@ def beats_tiny(seed: dict, run: str) -> int:
 def headline(results: dict) -> dict:
     """The recommended configuration's figures (means over seeds; fractions in [0, 1])."""
     summary, seeds = results["summary"], results["seeds"]
-    name = next((n for n in summary["runs"] if n.startswith(RECOMMENDED + "/")), None)
+    name = RECOMMENDED if RECOMMENDED in summary["runs"] else \
+        next((n for n in summary["runs"] if n.startswith("distill/")), None)
     if name is None:
         return {}
     last = summary["runs"][name][-1]
@@ -525,28 +529,30 @@ def render(results: dict) -> str:
         " | 100% | 100% | 100% |", ""]
     rounds = c["rounds"]
     head = " | ".join(f"r{r} LGR EM pooled / median / loss" for r in range(1, rounds + 1))
-    lines += ["## The shared LLM", "", f"| aggregator | order | space | {head} | org EM (last) | server s/round |",
-              "|---|---|---|" + "---|" * rounds + "---|---|"]
+    lines += ["## The shared LLM", "", f"| aggregator | order | rounds | space | {head} | org EM (last) | "
+              "server s/round |", "|---|---|---|---|" + "---|" * rounds + "---|---|"]
     first = next(iter(results["seeds"].values()))
     for name, rows in summary["runs"].items():
         run = first["runs"][name]
         cells = " | ".join(f"{_ms(r['lgr-em'])} / {_ms(r['lgr-em-median'])} / {_ms(r['lgr'])}" for r in rows)
         server = _mean([r["server_s"]["mean"] for r in rows])
-        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['space']} | {cells} | "
+        lines.append(f"| {run['aggregator']} | {run['mode']} | {run['scheme']} | {run['space']} | {cells} | "
                      f"{_ms(rows[-1]['org-em'])} | {server:.2f} |")
     lines += ["", "## Each organization's own LLM adapter (last round)", "",
-              "| aggregator | own alone: EM / LGR EM pooled / median | own on the shared LLM: EM / pooled / median "
-              "| organizations whose own adapter beats their own TinyLM (per seed) |", "|---|---|---|---|"]
+              "| aggregator | rounds | own alone: EM / LGR EM pooled / median | own on the shared LLM: EM / pooled / "
+              "median | organizations whose own adapter beats their own TinyLM (per seed) |", "|---|---|---|---|---|"]
     for name, rows in summary["runs"].items():
         r = rows[-1]
         if "own-alone-em" not in r:
             continue
         counts = [beats_tiny(s, name) for s in results["seeds"].values()]
-        lines.append(f"| {name.split('/')[0]} | {_ms(r['own-alone-em'])} / {_ms(r['own-alone-lgr-em'])} / "
+        lines.append(f"| {name.split('/')[0]} | {name.split('/')[2]} | {_ms(r['own-alone-em'])} / "
+                     f"{_ms(r['own-alone-lgr-em'])} / "
                      f"{_ms(r['own-alone-lgr-em-median'])} | {_ms(r['own-on_shared-em'])} / "
                      f"{_ms(r['own-on_shared-lgr-em'])} / {_ms(r['own-on_shared-lgr-em-median'])} | "
                      f"{counts} of {c['organizations']} |")
-    rec = next((n for n in summary["runs"] if n.startswith(RECOMMENDED + "/")), None)
+    rec = RECOMMENDED if RECOMMENDED in summary["runs"] else \
+        next((n for n in summary["runs"] if n.startswith("distill/")), None)
     if rec is not None:
         seed0 = first
         last = seed0["runs"][rec]["rounds"][-1]
@@ -593,7 +599,8 @@ def plot(results: dict, path: Path) -> None:
         for name, rows in results["summary"]["runs"].items():
             ys = [r[key]["mean"] for r in rows]
             err = [r[key]["std"] if r[key]["n"] > 1 else 0 for r in rows]
-            ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3, label=name.split("/")[0])
+            ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3,
+                        label=f"{name.split('/')[0]} ({name.split('/')[2]})")
         for ref, style, label in (("tiny_ft_round1", ":", "own TinyLM"), ("llm_union_ft", "--", "union fine-tune"),
                                   ("llm_distill_round1", "-.", "consolidation, oracle teachers")):
             if ref in refs:

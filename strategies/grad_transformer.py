@@ -20,7 +20,11 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
 3. Round schemes (``strategy.rounds``). The GT was trained on updates from the seeded LoRA init on the base
    TinyLM. ``retranslate`` (default) keeps the TinyLM adapter as FedAvg does, and each round sets the LLM to the
    GT's image of the organizations' whole adapters (round start + update, relative to the seeded init): always an
-   input of the kind the GT was trained on, and no round is counted twice. ``merge`` folds both adapters into
+   input of the kind the GT was trained on, and no round is counted twice; but from round 2 on each
+   organization's adapter holds the others' mean too, a mix of tasks no curated pair shows. ``fresh`` keeps the
+   TinyLM at the seeded init: every round each organization fine-tunes the base TinyLM on its own data again, so
+   every update the GT reads is exactly of its training kind, and the LLM is re-derived from the round's updates
+   (``distill`` warm-starts the joint adapter from the previous round's). ``merge`` folds both adapters into
    their base weights and restarts LoRA at the seeded init each round (docs/design.md §2), so each round's update is
    in distribution but the LLM receives a full-size update every round. ``naive`` adds each round's LLM update to
    one accumulating adapter.
@@ -61,7 +65,7 @@ from strategies.server_opt import ServerOptimizer
 log = logging.getLogger("fedgt.strategy")
 Translate = Callable[[torch.Tensor], torch.Tensor]  # (B, Ls, Ds) TinyLM tokens -> (B, Lt, Dt) LLM tokens
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
-ROUND_SCHEMES = ("retranslate", "merge", "naive")
+ROUND_SCHEMES = ("retranslate", "fresh", "merge", "naive")
 SPACES = ("factors", "weights")
 Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update tokens, weight, client metrics)
 # (T, Lt, Dt) LLM updates (teachers), (T, Ls, Ds) the TinyLM updates they came from -> (Lt, Dt) one joint update
@@ -113,9 +117,9 @@ class GradTransformerStrategy(FedAvg):
             raise ValueError(f"strategy.rounds must be one of {ROUND_SCHEMES}, got {rounds!r}")
         if space not in SPACES:
             raise ValueError(f"strategy.space must be one of {SPACES}, got {space!r}")
-        if space == "weights" and rounds != "retranslate":
-            raise ValueError("strategy.space='weights' needs strategy.rounds='retranslate' (the LLM is re-derived "
-                             "from the organizations' adapters each round)")
+        if space == "weights" and rounds not in ("retranslate", "fresh"):
+            raise ValueError("strategy.space='weights' needs strategy.rounds='retranslate' or 'fresh' (the LLM is "
+                             "re-derived from the organizations' adapters each round)")
         if aggregator == "distill" and (distill is None or mode != "transform-then-aggregate"):
             raise ValueError("strategy.aggregator='distill' needs a distill callable and "
                              "strategy.mode='transform-then-aggregate' (each organization's LLM update is a teacher)")
@@ -236,7 +240,7 @@ class GradTransformerStrategy(FedAvg):
         t_gt = time.perf_counter()
         # retranslate: the GT reads each organization's whole adapter (round start + its update) relative to the
         # seeded init, and the LLM becomes the GT's image of that, not the sum of per-round images.
-        offset = self._offset(self.tiny) if self.rounds == "retranslate" else None
+        offset = self._offset(self.tiny) if self.rounds in ("retranslate", "fresh") else None
         tiny_delta, llm_target, dp_metrics = self._combine(accepted, offset)
         entry["gt_s"] = time.perf_counter() - t_gt
         if self.llm_dense is not None:  # weights space: the target is a dense change; step towards it
@@ -246,7 +250,8 @@ class GradTransformerStrategy(FedAvg):
             llm_delta = llm_target - self._offset(self.llm).reshape(-1) if offset is not None else llm_target
             llm_step = self.server_opt.step(llm_delta)
             self.llm.add(unflatten(llm_step.view(self.llm_spec.num_layers, -1), self.llm_spec))
-        self.tiny.add(unflatten(tiny_delta.view(self.tiny_spec.num_layers, -1), self.tiny_spec))
+        if self.rounds != "fresh":  # fresh: organizations always start from the seeded init on the base TinyLM
+            self.tiny.add(unflatten(tiny_delta.view(self.tiny_spec.num_layers, -1), self.tiny_spec))
         self.tiny.end_round()
         self.llm.end_round()
         entry.update(dp_metrics)

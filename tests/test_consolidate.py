@@ -10,8 +10,9 @@ from fedgt.core.judge import LLMJudge
 from fedgt.core.lora import LoraSettings
 from fedgt.core.tasks import generate, parse_domain
 from fedgt.core.world import make_world
+from fedgt.provider.prompt_pool import PromptPool
 from fedgt.provider.shadow import LoraTuner
-from fedgt.server.consolidate import Consolidator, DistillConfig, PromptPool
+from fedgt.server.consolidate import Consolidator, DistillConfig
 
 LORA = LoraSettings()
 WORLD = make_world(40, seed=0)
@@ -61,3 +62,24 @@ def test_bad_distill_settings_name_the_knob() -> None:
         DistillConfig(steps=0)
     with pytest.raises(ValueError, match="distill.lr"):
         DistillConfig(lr=float("inf"))
+
+
+def test_a_warm_start_continues_from_the_previous_joint_adapter(toy_pair) -> None:
+    _, llm = toy_pair
+    pool = _pool(torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0)))
+    tuner = LoraTuner(str(llm), LORA)
+    train = generate(WORLD, parse_domain(NAMES[0]), "train", 32, seed=0)
+    teachers = tuner.tokens(tuner.run(train, FinetuneConfig(steps=60, lr=3e-2, batch_size=8)).update).unsqueeze(0)
+    prompts = [pool.prompts[0][:8]]
+    cfg = DistillConfig(steps=3, lr=1e-2, batch_size=4, max_answer_tokens=24)
+    cold = Consolidator(str(llm), LORA, pool, DistillConfig(**{**cfg.__dict__, "warm_start": False}))
+    warm = Consolidator(str(llm), LORA, pool, cfg)
+    if not cold.label(teachers, prompts):
+        pytest.skip("the toy teacher ended no answer within 24 tokens")
+    first_cold, second_cold = cold.distil(teachers, prompts), cold.distil(teachers, prompts)
+    torch.testing.assert_close(first_cold, second_cold)  # seeded: a cold start repeats itself
+    first_warm = warm.distil(teachers, prompts)
+    torch.testing.assert_close(first_warm, first_cold)
+    second_warm = warm.distil(teachers, prompts)
+    assert not torch.allclose(second_warm, first_warm)  # it went on from the first round's adapter
+    torch.testing.assert_close(warm.previous, second_warm)

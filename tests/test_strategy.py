@@ -283,3 +283,13 @@ def test_a_failed_consolidation_falls_back_to_the_mean_and_the_round_goes_on() -
     expected = sum(n / 100 * _dense(u) for u, n in zip(ups, sizes, strict=True))
     torch.testing.assert_close(s.llm_dense, expected, atol=1e-5, rtol=0)
     assert metrics["distill-fallback"] == 1.0
+
+
+def test_fresh_rounds_keep_the_tinylm_at_the_init_and_rederive_the_llm_each_round() -> None:
+    s = strategy(space="weights", rounds="fresh")
+    s.aggregate_train(1, [good(i + 1, update(i), 10) for i in range(2)])
+    for k in KEYS:  # organizations start every round from the seeded init
+        torch.testing.assert_close(s.tiny.current[k], INIT[k])
+    s.aggregate_train(2, [good(i + 1, update(10 + i), 10) for i in range(2)])
+    expected = (_dense(update(10)) + _dense(update(11))) / 2  # round 2's updates only, no memory of round 1
+    torch.testing.assert_close(s.llm_dense, expected, atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
 
 MODES = ("transform-then-aggregate", "aggregate-then-transform")
-ROUND_SCHEMES = ("retranslate", "merge", "naive")
+ROUND_SCHEMES = ("retranslate", "fresh", "merge", "naive")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_bounded_mean", "task_arithmetic", "ties", "dare", "distill")
 SPACES = ("weights", "factors")
 SERVER_OPTS = ("none", "fedavgm", "fedadam")
@@ -103,7 +103,7 @@ class StrategySection:
     aggregator: str = "mean"
     trim_beta: float = 0.1
     norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each organization's contribution
-    rounds: str = "retranslate"  # retranslate | merge | naive (strategies/grad_transformer.py explains them)
+    rounds: str = "retranslate"  # retranslate | fresh | merge | naive (strategies/grad_transformer.py explains)
     space: str = "weights"  # aggregate the LLM updates' weight changes (exact) or their LoRA factors
     server_opt: str = "none"
     server_lr: float = 1.0
@@ -126,6 +126,7 @@ class DistillSection:
     steps: int = 300
     lr: float = 3e-3
     batch_size: int = 32
+    warm_start: bool = True  # each round's joint adapter starts from the previous round's
 
 
 @dataclass(frozen=True)
@@ -295,8 +296,8 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(s.norm_bound > 0, "strategy.norm-bound", "must be > 0")
     need(s.rounds in ROUND_SCHEMES, "strategy.rounds", f"must be one of {ROUND_SCHEMES}")
     need(s.space in SPACES, "strategy.space", f"must be one of {SPACES}")
-    need(s.space == "factors" or s.rounds == "retranslate", "strategy.space",
-         "'weights' needs strategy.rounds = 'retranslate'")
+    need(s.space == "factors" or s.rounds in ("retranslate", "fresh"), "strategy.space",
+         "'weights' needs strategy.rounds = 'retranslate' or 'fresh'")
     need(s.server_opt in SERVER_OPTS, "strategy.server-opt", f"must be one of {SERVER_OPTS}")
     need(s.server_lr > 0, "strategy.server-lr", "must be > 0")
     need(s.max_update_norm > 0, "strategy.max-update-norm", "must be > 0")

@@ -27,6 +27,7 @@ from fedgt.core.splits import make_domain_splits
 from fedgt.core.tasks import arithmetic_practice, generate
 from fedgt.core.tokenizer import train_char_tokenizer
 from fedgt.core.world import make_world, sample_bios
+from fedgt.provider.shipped import install
 
 
 def make_tokenizer(cfg: PretrainData) -> PreTrainedTokenizerFast:
@@ -122,6 +123,8 @@ def prepare_preset(name: str, data: PretrainData = PretrainData(), seed: int = 0
     preset = get_preset(name)
     out = prepared_dir(preset, asdict(data), seed)
     if (out / PREPARED_META).is_file() and not force:
+        return out
+    if not force and install(f"models/{out.name}", out):  # shipped in the repository: verified and copied
         return out
     t0 = time.time()
     tokenizer = make_tokenizer(data)

@@ -23,6 +23,8 @@ from fedgt.core.identity import model_identity
 from fedgt.core.lora import LoraSettings
 from fedgt.core.models import cache_dir
 from fedgt.core.run_config import FedConfig
+from fedgt.provider.prompt_pool import save_prompt_pool
+from fedgt.provider.shipped import install
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
     gt_dir = root / "gt"
     if (gt_dir / "provider.json").is_file():
         return gt_dir
+    if install(f"provider/{cfg.key()}/gt", gt_dir):  # shipped in the repository: verified and copied
+        return gt_dir
     log = print if progress else (lambda *a, **k: None)
     tiny, llm = resolve_model(cfg.tiny), resolve_model(cfg.llm)
     shadow = shadow_domains(cfg.n_examples, cfg.shadow_domains, cfg.seed)
@@ -118,6 +122,7 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
         flush=True)
     train_gt(pairs, gcfg, tcfg, judge, {d.name: list(d.train) for d in shadow}, test_examples, gt_dir,
              progress=progress, same_val=same_val)
+    save_prompt_pool(gt_dir, pairs, shadow)
     meta = provider_meta(cfg, tiny, llm, prompts, pairs.names)
     (gt_dir / "provider.json").write_text(json.dumps(meta, indent=1))  # written last: marks the GT complete
     return gt_dir

@@ -31,10 +31,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for name in names:
         t0 = time.time()
-        out = prepare_preset(name, seed=args.seed, force=args.force)
+        out = prepare_preset(name, seed=args.seed, force=args.force or args.rebuild)
         meta = json.loads((out / "fedgt_prepared.json").read_text())
         print(f"{name}: {out}  ({meta['parameters']['non_embedding']:,} non-embedding params, "
               f"pretrained in {meta['pretrain_seconds']:.0f} s; this call {time.time() - t0:.0f} s)")
+        if args.rebuild or args.ship:
+            from fedgt.provider.shipped import ARTIFACTS, ship
+
+            recipe = {k: meta[k] for k in ("preset", "data", "seed")}
+            ship(out, f"models/{out.name}", f"fedgt prepare --models {name} --rebuild", recipe)
+            print(f"  shipped into {ARTIFACTS / 'models' / out.name} (artifacts/MANIFEST.json)")
 
 
 def cmd_domains(args: argparse.Namespace) -> None:
@@ -137,7 +143,24 @@ def cmd_provide(args: argparse.Namespace) -> None:
     from fedgt.provider.provision import provide, provider_config_for
 
     cfg = from_run_config({**pyproject_run_config(args.app / "pyproject.toml"), **_overrides(args)})
-    print(provide(provider_config_for(cfg)))
+    pcfg = provider_config_for(cfg)
+    if args.rebuild:
+        import shutil
+
+        from fedgt.core.models import cache_dir
+
+        shutil.rmtree(cache_dir() / "provider" / pcfg.key(), ignore_errors=True)  # curate and train again
+    gt_dir = provide(pcfg)
+    print(gt_dir)
+    if args.rebuild or args.ship:
+        from dataclasses import asdict
+
+        from fedgt.provider.shipped import ARTIFACTS, ship
+
+        key = f"provider/{pcfg.key()}/gt"
+        ship(gt_dir, key, "fedgt provide --rebuild" + "".join(f" --set {s}" for s in args.set or []),
+             json.loads(json.dumps(asdict(pcfg), default=str)))
+        print(f"shipped into {ARTIFACTS / key} (artifacts/MANIFEST.json)")
 
 
 def _curation_config(args: argparse.Namespace):
@@ -243,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
+    p.add_argument("--rebuild", action="store_true", help="pretrain again and ship the result in artifacts/")
+    p.add_argument("--ship", action="store_true", help="ship the prepared models in artifacts/ (no pretraining if "
+                                                       "cached)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("domains", help="list the task domains and how they are split")
@@ -325,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--orgs", type=int, help="federation.num-organizations (simulation: num-supernodes)")
         p.add_argument("--rounds", type=int, help="num-server-rounds")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+        if name == "provide":
+            p.add_argument("--rebuild", action="store_true", help="curate and train again, ship the GT in artifacts/")
+            p.add_argument("--ship", action="store_true", help="ship the (cached) GT in artifacts/")
         if name == "export-orgs":
             p.add_argument("--out", type=Path, default=Path("runs/sites"), help="one subfolder per organization")
         elif name != "provide":

@@ -28,8 +28,9 @@ from fedgt.core.models import cache_dir, load_model
 from fedgt.core.org_data import simulated_organizations
 from fedgt.core.run_config import FedConfig, from_run_config
 from fedgt.core.updates import spec_of
+from fedgt.provider.prompt_pool import PromptPool
 from fedgt.provider.provision import provide, provider_config_for, published_identity, resolve_model
-from fedgt.server.consolidate import Consolidator, DistillConfig, PromptPool
+from fedgt.server.consolidate import Consolidator, DistillConfig
 from fedgt.server.evaluation import LLMEvaluator
 from fedgt.server.global_adapter import save_dense_peft
 from fedgt.server.report import plot_rounds, results_table
@@ -113,7 +114,8 @@ def consolidator(cfg: FedConfig, gt_dir: Path, llm_name: str, device: str | torc
         return None
     d = cfg.distill
     dcfg = DistillConfig(prompts_per_teacher=d.prompts_per_teacher, neighbours=d.neighbours, steps=d.steps,
-                         lr=d.lr, batch_size=d.batch_size, max_length=cfg.train.max_length, seed=cfg.train.seed)
+                         lr=d.lr, batch_size=d.batch_size, max_length=cfg.train.max_length, warm_start=d.warm_start,
+                         seed=cfg.train.seed)
     return Consolidator(llm_name, cfg.lora_settings(), PromptPool.from_provider(gt_dir), dcfg, device)
 
 
