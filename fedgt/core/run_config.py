@@ -91,8 +91,8 @@ class SimSitesSection:
 @dataclass(frozen=True)
 class GTSection:
     checkpoint: str = ""  # a Grad-Transformer dir; "" = the provider default (curated + trained + cached on first use)
-    shadow_domains: int = 64  # provider default: how many built-in shadow domains it curates
-    epochs: int = 12  # provider default: GT training epochs
+    shadow_domains: int = 320  # provider default: how many built-in shadow domains it curates
+    epochs: int = 20  # provider default: GT training epochs
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 16  # organizations per GT forward pass (and per aggregation chunk)
 
