@@ -13,7 +13,7 @@ from fedgt.core.mixture import PretrainData
 from fedgt.core.models import PAIRS, get_preset, prepared_dir
 from fedgt.core.run_config import from_run_config, pyproject_run_config
 from fedgt.provider.provision import provider_config_for
-from fedgt.provider.shipped import ARTIFACTS, DamagedArtifact, install, read_manifest, ship, verify
+from fedgt.provider.shipped import ARTIFACTS, DamagedArtifact, install, install_all, read_manifest, ship, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = read_manifest()["artifacts"]
@@ -73,3 +73,14 @@ def test_a_fresh_cache_gets_the_shipped_pair_without_pretraining(tmp_path, monke
     monkeypatch.setattr("fedgt.provider.pretrain.pretrain", lambda *a, **k: pytest.fail("pretrained"))
     out = prepare_preset("tinylm", progress=False)
     assert out.parent == tmp_path / "models" and (out / "fedgt_prepared.json").is_file()
+
+
+def test_install_all_fills_a_cache_once(tmp_path) -> None:
+    src = tmp_path / "built"
+    src.mkdir()
+    (src / "fedgt_prepared.json").write_text("{}")
+    root = tmp_path / "artifacts"
+    ship(src, "models/toy-0123456789ab", "fedgt prepare --rebuild", {}, root=root)
+    assert install_all(tmp_path / "cache", root) == ["models/toy-0123456789ab"]
+    assert (tmp_path / "cache/models/toy-0123456789ab/fedgt_prepared.json").is_file()
+    assert install_all(tmp_path / "cache", root) == []  # already there

@@ -103,3 +103,14 @@ def ship(src: Path, key: str, command: str, recipe: dict, root: Path = ARTIFACTS
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest["artifacts"][key]
+
+
+def install_all(cache: Path, root: Path = ARTIFACTS) -> list[str]:
+    """Install every shipped artifact the cache lacks (before ``flwr run``: the apps read only the cache)."""
+    done = []
+    for key in read_manifest(root)["artifacts"]:
+        dest = cache / key
+        marker = "fedgt_prepared.json" if key.startswith("models/") else "provider.json"
+        if not (dest / marker).is_file() and install(key, dest, root):
+            done.append(key)
+    return done

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedgt.core.models import cache_dir
 from fedgt.core.run_config import from_run_config, pyproject_run_config
+from fedgt.provider.shipped import install_all
 
 
 def _toml_value(v: Any) -> str:
@@ -111,6 +113,7 @@ def run_federation(app_dir: Path, overrides: Mapping[str, Any], flwr_home: Path,
     """
     app_dir = Path(app_dir).resolve()
     cfg = from_run_config({**pyproject_run_config(app_dir / "pyproject.toml"), **overrides})  # fail before starting
+    install_all(cache_dir())  # the shipped pair and GT: the apps read only the cache (a FAB carries no weights)
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flwr_env(flwr_home)
     stop_local_superlink(flwr_home)
