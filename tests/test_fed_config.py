@@ -37,6 +37,10 @@ def test_every_scenario_file_loads(path: Path) -> None:
     ("dp.mode", "dp-sgb", "dp.mode"),
     ("strategy.aggregator", "krum", "strategy.aggregator"),
     ("strategy.trim-beta", 0.5, "strategy.trim-beta"),
+    ("strategy.merge-scale", float("inf"), "strategy.merge-scale"),
+    ("strategy.density", 0.0, "strategy.density"),
+    ("distill.steps", 0, "distill.steps"),
+    ("distill.lr", float("nan"), "distill.lr"),
     ("train.steps", 0, "train.steps"),
     ("train.lr", "fast", "expected float"),
     ("federation.num-organizations", 2.5, "expected int"),
@@ -56,6 +60,8 @@ def test_unknown_keys_and_incompatible_choices_are_refused(tmp_path: Path) -> No
         from_run_config({**BASE, "strategy.agregator": "mean"})
     with pytest.raises(ConfigError, match="central DP needs"):
         from_run_config({**BASE, "strategy.central-dp": True, "strategy.aggregator": "median"})
+    with pytest.raises(ConfigError, match="'distill' needs"):
+        from_run_config({**BASE, "strategy.aggregator": "distill", "strategy.mode": "aggregate-then-transform"})
     bad = tmp_path / "bad.toml"
     bad.write_text('dp.mode = "loud"\n')
     with pytest.raises(ConfigError, match=r"bad\.toml.*dp\.mode"):

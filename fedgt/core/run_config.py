@@ -270,6 +270,8 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(d.max_grad_norm > 0, "dp.max-grad-norm", "must be > 0")
     need(d.update_clip > 0, "dp.update-clip", "must be > 0")
     ss = cfg.sim_sites
+    need(s.aggregator != "distill" or s.mode == "transform-then-aggregate", "strategy.aggregator",
+         "'distill' needs strategy.mode = 'transform-then-aggregate' (each organization's LLM update is a teacher)")
     need(s.merge_scale > 0 and math.isfinite(s.merge_scale), "strategy.merge-scale", "must be a finite number > 0")
     need(0 < s.density <= 1, "strategy.density", "must be in (0, 1]")
     ds = cfg.distill
