@@ -100,10 +100,10 @@ class GTSection:
 @dataclass(frozen=True)
 class StrategySection:
     mode: str = "transform-then-aggregate"
-    aggregator: str = "mean"
+    aggregator: str = "distill"
     trim_beta: float = 0.1
     norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each organization's contribution
-    rounds: str = "retranslate"  # retranslate | fresh | merge | naive (strategies/grad_transformer.py explains)
+    rounds: str = "fresh"  # fresh | retranslate | merge | naive (strategies/grad_transformer.py explains)
     space: str = "weights"  # aggregate the LLM updates' weight changes (exact) or their LoRA factors
     server_opt: str = "none"
     server_lr: float = 1.0
