@@ -596,11 +596,17 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     refs = results["summary"]["references"]
     for ax, key, title in ((axes[0], "lgr-em", "pooled"), (axes[1], "lgr-em-median", "median over organizations")):
+        aggregators = sorted({n.split("/")[0] for n in results["summary"]["runs"]})
+        colors = {a: plt.get_cmap("tab10")(i) for i, a in enumerate(aggregators)}  # one colour per aggregator
+        styles = {s: ls for s, ls in zip((*SCHEMES, "fresh"), ("-", "--", ":", "-."), strict=False)}
+        styles["fresh"], styles["retranslate"] = "-", "--"
         for name, rows in results["summary"]["runs"].items():
             ys = [r[key]["mean"] for r in rows]
             err = [r[key]["std"] if r[key]["n"] > 1 else 0 for r in rows]
-            ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3,
-                        label=f"{name.split('/')[0]} ({name.split('/')[2]})")
+            aggregator, scheme = name.split("/")[0], name.split("/")[2]
+            ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3, color=colors[aggregator],
+                        ls=styles.get(scheme, "-"), label=f"{aggregator} ({scheme})")
+        ax.set_xticks(range(1, len(next(iter(results["summary"]["runs"].values()))) + 1))
         for ref, style, label in (("tiny_ft_round1", ":", "own TinyLM"), ("llm_union_ft", "--", "union fine-tune"),
                                   ("llm_distill_round1", "-.", "consolidation, oracle teachers")):
             if ref in refs:
