@@ -70,6 +70,10 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     before = base(input_ids=ids).logits
     tuned = PeftModel.from_pretrained(base, str(out / "llm_adapter"))
     assert not torch.allclose(tuned(input_ids=ids).logits, before)
+    # Each organization's own LLM adapter too, alone and on the shared LLM (multi-LoRA serving).
+    assert sorted(p.name for p in (out / "org_adapters").glob("*/*")) == ["on_shared", "on_shared", "own", "own"]
+    own = PeftModel.from_pretrained(load_model(str(toy_pair[1]))[0], str(next((out / "org_adapters").glob("*/own"))))
+    assert not torch.allclose(own(input_ids=ids).logits, before)
 
 
 def test_a_bad_run_config_fails_before_anything_starts(tmp_path) -> None:
