@@ -120,9 +120,12 @@ def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
 
     bench_strategies.main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "strategies_quick.json").read_text())
-    # aggregators x orders x (3 round schemes in factors space + retranslate in weights space)
-    assert len(results["runs"]) == 4 * 2 * (3 + 1)
-    assert all(len(run["rounds"]) == 2 for run in results["runs"].values())
+    # 6 aggregators x 2 round schemes (fresh, retranslate), weights space, transform-then-aggregate, 1 seed
+    runs = results["seeds"]["0"]["runs"]
+    assert len(runs) == 6 * 2 and all(len(run["rounds"]) == 2 for run in runs.values())
+    assert {"headline", "summary", "merge_scales"} <= set(results)
+    assert results["headline"]["configuration"] == "distill/transform-then-aggregate/fresh/weights"
+    assert all("own_adapter" in run["rounds"][-1] for run in runs.values())
 
 
 @pytest.mark.slow
