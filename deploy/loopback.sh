@@ -4,7 +4,7 @@
 # their own privacy policy (--node-config 'data-path=... policy=...'), then `flwr run` of this app against it.
 #
 #   bash deploy/loopback.sh                          # default pair, 2 sites, simulations/deployment.toml
-#   SCENARIO="simulations/toy.toml simulations/deployment.toml" bash deploy/loopback.sh runs/deploy-toy
+#   SCENARIO="simulations/deployment.toml simulations/toy.toml" bash deploy/loopback.sh runs/deploy-toy
 #                                                    # toy pair (seconds; what the slow test runs)
 # SCENARIO: one or more run-config files, later ones overriding earlier ones. SITE_POLICY: the policy file every
 # site uses (default: written below, DP-SGD with ε <= 8 per round, budget 24, nothing released beyond the update,

@@ -59,7 +59,7 @@ def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> 
     if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
         pytest.skip("needs openssl and ssh-keygen")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SCENARIO": "simulations/toy.toml simulations/deployment.toml", "SITES": "2",
+    env = {**os.environ, "SCENARIO": "simulations/deployment.toml simulations/toy.toml", "SITES": "2",
            "PORT": "18543"}
     done = subprocess.run(["bash", "deploy/loopback.sh", str(tmp_path)], cwd=root, env=env, timeout=600,
                           capture_output=True, text=True)
