@@ -45,9 +45,11 @@ from fedgt.provider.train_gt import TrainConfig, functional_val_loss, gt_config_
 from simulations.baselines import MeanUpdate, NearestShadow, RidgeMap, select
 from simulations.private_eval import OrgConfig, config_json, run_orgs
 
-SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
-METHODS = ("gt", "gt_shuffled_input", "gt_autoregressive", "gt_weights_only", "paper_gt", "mean_update", "knn", "ridge",
+SETTINGS = ("same_distribution", "held_out_combination", "held_out_family", "held_out_pretrained")
+METHODS = ("gt", "gt_shuffled_input", "gt_ensemble", "gt_residual", "gt_residual_shuffled_input",
+           "gt_residual_ensemble", "gt_autoregressive", "gt_weights_only", "paper_gt", "mean_update", "knn", "ridge",
            "proxy_tuning", "tiny_sample_kd", "tiny_ft", "llm_base", "llm_ft")
+SEEDED = ("gt", "gt_residual")  # variants trained once per --gt-seeds seed (ensembles: the mean of their outputs)
 
 
 def _hash(obj) -> str:
@@ -68,8 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--same-val-domains", type=int, default=16,
                    help="training domains re-tuned on other public examples to validate the GT (0: none)")
     p.add_argument("--probes", type=int, default=32, help="probe prompts the GT reads the update through (0: none)")
-    p.add_argument("--variants", default="gt,gt_autoregressive,gt_weights_only,paper_gt",
+    p.add_argument("--variants", default="gt,gt_residual,gt_autoregressive,gt_weights_only,paper_gt",
                    help="GT variants to train and score (gt is always trained)")
+    p.add_argument("--gt-seeds", default="0", help="training seeds of gt and gt_residual (comma-separated; the "
+                   "first is the headline, all give the spread and the ensembles; the validation split stays --seed's)")
     p.add_argument("--dp-epsilons", default=None, help="DP-SGD ε values for the TinyLM (comma-separated; '' for none)")
     p.add_argument("--update-dp-epsilons", default=None, help="update-level DP ε values (one organization's update)")
     p.add_argument("--private-data", type=Path, help="your private domains: one subfolder of files per organization")
@@ -92,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.gt_epochs = args.gt_epochs or (6 if quick else 40)
     args.name = args.name or ("quality_quick" if quick else "quality")
     args.variants = {"gt", *(v for v in args.variants.split(",") if v)}
+    args.gt_seeds = tuple(int(x) for x in args.gt_seeds.split(",") if x.strip()) or (0,)
     floats = lambda text: tuple(float(x) for x in text.split(",") if x.strip())  # noqa: E731
     args.dp_epsilons = floats(args.dp_epsilons if args.dp_epsilons is not None else ("8" if quick else "8,1"))
     args.multi_org = tuple(int(x) for x in floats(args.multi_org if args.multi_org is not None else
@@ -107,6 +112,7 @@ def private_domains(args, shadow_train_names: list[str]) -> dict[str, list[Domai
     rng = random.Random(f"bench-quality-{args.seed}")
     by_name = {d.name: d for d in splits.shadow}
     pools = {"same_distribution": [by_name[n] for n in shadow_train_names if n in by_name],
+             "held_out_pretrained": list(splits.pretrain),  # the LLM saw the skill, the provider never curated it
              "held_out_combination": list(splits.held_out_combination),
              "held_out_family": list(splits.held_out_family)}
     out = {}
@@ -157,15 +163,34 @@ def main(argv=None) -> dict:
     timings["probe_features_s"] = time.time() - t0
     small = dict(d_model=128, n_heads=4, ffn=256) if args.quick else {}
     probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
-    train_cfg = TrainConfig(epochs=args.gt_epochs, seed=args.seed)
+    train_cfg = TrainConfig(epochs=args.gt_epochs, seed=args.seed, split_seed=args.seed)
+    # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
+    val_sets = [val_examples[n][:32] for n in sorted(val_names)]
+    crit = lambda pred: functional_val_loss(judge, pred, val_sets)  # noqa: E731
+    baseline_choices: dict = {}
+
+    def fit_maps(on_pairs, suffix: str = "") -> dict:
+        fit = on_pairs.select_domains(train_names)
+        val = on_pairs.select_domains(val_names).final()
+        knn, knn_scores = select(lambda k: NearestShadow(fit, int(k)), [1, 3, 5, 10], val.tiny, crit)
+        ridge, ridge_scores = select(lambda a: RidgeMap(fit, a), [1.0, 10.0, 100.0, 1e3, 1e4, 1e5], val.tiny, crit)
+        baseline_choices[suffix or "non_dp"] = {"knn_k": knn.k, "knn_val": knn_scores, "ridge_alpha": ridge.alpha,
+                                                "ridge_val": ridge_scores}
+        return {"mean_update" + suffix: MeanUpdate(fit), "knn" + suffix: knn, "ridge" + suffix: ridge}
+
+    maps = fit_maps(pairs)
+
     variants = {
         "gt": (gt_config_for(pairs, decoder="parallel", **small, **probe), train_cfg),
+        "gt_residual": (gt_config_for(pairs, decoder="parallel", anchor_k=maps["knn"].k,
+                                      **small, **probe), train_cfg),
         "gt_autoregressive": (gt_config_for(pairs, decoder="autoregressive", **small, **probe), train_cfg),
         "gt_weights_only": (gt_config_for(pairs, decoder="parallel", **small), train_cfg),
         "paper_gt": (gt_config_for(pairs, kind="paper_gt", decoder="autoregressive", **small),
                      TrainConfig(objective="mse", select_on="mse", lr=5e-4, epochs=max(args.gt_epochs, 50) if not
                                  args.quick else args.gt_epochs, patience=15, seed=args.seed)),
     }
+
     gts, gt_records = {}, {}
 
     same_names = pick_domains(train_names, args.same_val_domains, args.seed) if args.same_val_domains else []
@@ -191,24 +216,12 @@ def main(argv=None) -> dict:
         gts[name], _ = load_gt(gt_dir, device)
 
     for name, (gcfg, tcfg) in variants.items():
-        if name in args.variants:
-            train_variant(name, gcfg, tcfg, pairs, cur_dir)
+        if name not in args.variants:
+            continue
+        for i, gseed in enumerate(args.gt_seeds if name in SEEDED else (args.seed,)):
+            train_variant(name if i == 0 else f"{name}_seed{gseed}", gcfg, replace(tcfg, seed=gseed) if name in SEEDED
+                          else tcfg, pairs, cur_dir)
 
-    # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
-    val_sets = [val_examples[n][:32] for n in sorted(val_names)]
-    crit = lambda pred: functional_val_loss(judge, pred, val_sets)  # noqa: E731
-    baseline_choices: dict = {}
-
-    def fit_maps(on_pairs, suffix: str = "") -> dict:
-        fit = on_pairs.select_domains(train_names)
-        val = on_pairs.select_domains(val_names).final()
-        knn, knn_scores = select(lambda k: NearestShadow(fit, int(k)), [1, 3, 5, 10], val.tiny, crit)
-        ridge, ridge_scores = select(lambda a: RidgeMap(fit, a), [1.0, 10.0, 100.0, 1e3, 1e4, 1e5], val.tiny, crit)
-        baseline_choices[suffix or "non_dp"] = {"knn_k": knn.k, "knn_val": knn_scores, "ridge_alpha": ridge.alpha,
-                                                "ridge_val": ridge_scores}
-        return {"mean_update" + suffix: MeanUpdate(fit), "knn" + suffix: knn, "ridge" + suffix: ridge}
-
-    maps = fit_maps(pairs)
 
     # --- DP-SGD on the TinyLM: re-curate its side under the same DP-SGD settings, train a GT on those pairs -------
     dp_inputs: dict[str, str] = {}  # method -> which org tokens it reads
@@ -252,9 +265,11 @@ def main(argv=None) -> dict:
         # Another organization's update (a derangement when there are >= 2), read through its own probes.
         shuffled, shuffled_probes = tiny.roll(1, dims=0), None if probes is None else probes.roll(1, dims=0)
         tokens = {
-            "gt": predict(gts["gt"], tiny, probes), "gt_shuffled_input": predict(gts["gt"], shuffled, shuffled_probes),
             **{v: predict(gts[v], tiny, probes if gts[v].cfg.probe_tokens else None) for v in gts
-               if v in ("gt_autoregressive", "gt_weights_only", "paper_gt")},
+               if "dpsgd" not in v},
+            **{f"{v}_shuffled_input": predict(gts[v], shuffled, shuffled_probes) for v in SEEDED if v in gts},
+            **{f"{v}_ensemble": torch.stack([predict(gts[m], tiny, probes) for m in _seeded(gts, v)]).mean(0)
+               for v in SEEDED if len(_seeded(gts, v)) > 1},
             **{m: maps[m].predict(tiny) for m in ("mean_update", "knn", "ridge")},
             "llm_base": torch.zeros(len(names), judge.spec.num_layers, judge.spec.token_dim),
             "llm_ft": org_tokens("llm_ft"),
@@ -275,10 +290,12 @@ def main(argv=None) -> dict:
         for n in names:
             for m, sc in orgs[n]["scores"].items():
                 rows[n][m] = {k: v for k, v in sc.items() if k in ("loss", "exact_match")}
-        order = [*METHODS, *dp_inputs, *(m for m in rows[names[0]] if m.startswith("tiny_ft_dpsgd"))]
+        order = [*METHODS, *(m for v in SEEDED for m in _seeded(gts, v)[1:]), *dp_inputs,
+                 *(m for m in rows[names[0]] if m.startswith("tiny_ft_dpsgd"))]
         summary = summarize(rows, [m for m in order if any(m in r for r in rows.values())])
         results["settings"][setting] = {
             "summary": summary,
+            "seeds": {v: seed_spread(summary, _seeded(gts, v), args.gt_seeds) for v in SEEDED if v in gts},
             "domains": {n: {"scores": rows[n], "ratios": {m: per_domain(rows[n], m) for m in rows[n]}} for n in names},
         }
         eps_spent = [orgs[n]["scores"][k]["epsilon_spent"] for n in names for k in orgs[n]["scores"]
@@ -331,6 +348,22 @@ def main(argv=None) -> dict:
     plot(results, args.out / f"{args.name}.png")
     print(render_markdown(results).split("## Per domain")[0])
     return results
+
+
+def _seeded(gts: dict, variant: str) -> list[str]:
+    """The trained seeds of a variant, headline first: ``gt``, ``gt_seed1``, ..."""
+    return [m for m in gts if m == variant or (m.startswith(variant + "_seed") and m[len(variant) + 5:].isdigit())]
+
+
+def seed_spread(summary: dict, methods: list[str], seeds: tuple[int, ...]) -> dict:
+    """Mean and sample standard deviation over training seeds of each pooled ratio."""
+    out = {"seeds": list(seeds[:len(methods)])}
+    for key in ("lgr", "lgr_acc", "pgr", "pgr_acc"):
+        vals = [summary[m][key] for m in methods]
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        out[key] = {"values": vals, "mean": mean, "sd": sd}
+    return out
 
 
 def _clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
@@ -414,6 +447,15 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {m} | {_fmt(s['lgr'])} | {_fmt(s['lgr_acc'])} | {_fmt(s['pgr'])} | {_fmt(s['pgr_acc'])} "
                          f"| {_fmt(s['loss'], False)} | {_fmt(s['acc'], False)} |")
         lines.append("")
+        if any(len(v["seeds"]) > 1 for v in block.get("seeds", {}).values()):
+            lines += ["Over training seeds (mean ± sd; per seed LGR_acc):", "",
+                      "| variant | seeds | LGR_acc | LGR | per seed |", "|---|---|---|---|---|"]
+            for v, sp in block["seeds"].items():
+                per = ", ".join(_fmt(x) for x in sp["lgr_acc"]["values"])
+                acc, loss = sp["lgr_acc"], sp["lgr"]
+                lines.append(f"| {v} | {len(sp['seeds'])} | {_fmt(acc['mean'])} ± {_fmt(acc['sd'])} "
+                             f"| {_fmt(loss['mean'])} ± {_fmt(loss['sd'])} | {per} |")
+            lines.append("")
     for key, block in r.get("multi_org", {}).items():
         if not key.startswith("orgs_"):
             continue

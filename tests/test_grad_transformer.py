@@ -94,3 +94,85 @@ def test_probe_tokens_are_read_and_required() -> None:
         predict(model, src)
     with pytest.raises(ValueError, match="paper_gt"):
         _cfg(kind="paper_gt", decoder="autoregressive", probe_tokens=3, probe_dim=8)
+
+
+def _residual(rows: int = 6, k: int = 2) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_gt(_cfg(anchor_k=k, anchor_rows=rows))
+    tiny, llm = torch.randn(rows, 2, 12), torch.randn(rows, 4, 20) * 2 + 1
+    model.src_norm.fit(tiny)
+    model.tgt_norm.fit(llm)
+    model.fit_anchors(tiny, llm, torch.arange(rows))
+    return model, tiny, llm
+
+
+def _nearest_mean(model, query: torch.Tensor, tiny: torch.Tensor, llm: torch.Tensor, k: int) -> torch.Tensor:
+    """Brute-force k-nearest by cosine of the normalised TinyLM updates, written out independently."""
+    keys = model.src_norm(tiny).flatten(1)
+    q = model.src_norm(query).flatten(1)
+    sim = torch.stack([torch.nn.functional.cosine_similarity(qi[None], keys) for qi in q])
+    return torch.stack([llm[row.argsort(descending=True)[:k]].mean(0) for row in sim])
+
+
+def test_untrained_residual_gt_is_k_nearest_lookup() -> None:
+    model, tiny, llm = _residual()
+    query = torch.randn(3, 2, 12)
+    torch.testing.assert_close(predict(model, query), _nearest_mean(model, query, tiny, llm, 2))
+
+
+def test_residual_gt_can_hide_a_domain_from_retrieval() -> None:
+    model, tiny, llm = _residual(k=1)
+    z = model.src_norm(tiny)
+    own = model.tgt_norm.inverse(model.anchor(z))
+    torch.testing.assert_close(own, llm)  # each shadow update's nearest row is itself
+    hidden = model.tgt_norm.inverse(model.anchor(z, exclude=torch.arange(6)))
+    assert not any(torch.allclose(hidden[i], llm[i]) for i in range(6))  # ... unless its domain is hidden
+
+
+def test_residual_gt_learns_a_correction_and_round_trips(tmp_path) -> None:
+    model, tiny, llm = _residual()
+    target = llm + 0.5  # lookup alone is off by a constant the GT must learn
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    src, tgt = model.src_norm(tiny), model.tgt_norm(target)
+    before = torch.nn.functional.mse_loss(model(src), tgt).item()
+    for _ in range(150):
+        loss = torch.nn.functional.mse_loss(model(src), tgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * before
+    save_gt(model, tmp_path)
+    again, meta = load_gt(tmp_path)  # the retrieval table travels in the checkpoint
+    torch.testing.assert_close(predict(again, tiny), predict(model, tiny))
+    assert meta["gt"]["anchor_k"] == 2 and meta["gt"]["anchor_rows"] == 6
+
+
+def test_residual_gt_configs_are_checked() -> None:
+    with pytest.raises(ValueError, match="anchor_k"):
+        _cfg(anchor_k=3, anchor_rows=2)
+    with pytest.raises(ValueError, match="train_gt sets it"):
+        build_gt(_cfg(anchor_k=2))
+    with pytest.raises(ValueError, match="parallel"):
+        _cfg(anchor_k=1, anchor_rows=4, decoder="autoregressive")
+    with pytest.raises(ValueError, match="anchor_rows=6"):
+        _residual()[0].fit_anchors(torch.randn(5, 2, 12), torch.randn(5, 4, 20), torch.arange(5))
+
+
+def test_train_gt_fills_the_retrieval_table_with_its_training_domains(tmp_path) -> None:
+    from fedgt.provider.shadow import ShadowPairs
+    from fedgt.provider.train_gt import TrainConfig, split_domains, train_gt
+
+    torch.manual_seed(0)
+    domains, steps = 10, 3
+    names = [f"d{i}" for i in range(domains)]
+    pairs = ShadowPairs(torch.randn(domains * steps, 2, 12), torch.randn(domains * steps, 4, 20),
+                        torch.arange(domains).repeat_interleave(steps), torch.arange(steps).repeat(domains), names,
+                        None, None, {})
+    cfg = TrainConfig(objective="mse", select_on="mse", epochs=2, batch_size=8, seed=3, split_seed=0)
+    record = train_gt(pairs, _cfg(anchor_k=2), cfg, None, None, dict.fromkeys(names, ()), tmp_path,
+                      progress=False)
+    model, meta = load_gt(tmp_path)
+    train_names, _ = split_domains(names, cfg.val_fraction, 0)  # split_seed, not seed, picks validation
+    assert meta["gt"]["anchor_rows"] == len(train_names) == record["train_domains"]
+    final = pairs.select_domains(train_names).final()
+    torch.testing.assert_close(model.anchor_values, final.llm)

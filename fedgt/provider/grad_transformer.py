@@ -4,6 +4,9 @@ Pure PyTorch, nanoGPT-sized. An encoder reads the TinyLM's layer tokens; a decod
 - ``parallel``: one learned query per LLM layer, every layer in one pass;
 - ``autoregressive`` (the paper's): layer t is predicted from layers < t (teacher forcing in training,
   a KV cache at inference).
+A GT with ``anchor_k > 0`` is *residual on retrieval*: it carries a table of shadow updates (the training
+domains' final pairs), looks up the ``anchor_k`` nearest by cosine of the normalised TinyLM update, reads their mean
+LLM update as extra encoder tokens and predicts a correction to it (an untrained residual GT is k-nearest lookup).
 ``PaperGT`` is the paper-faithful configuration for comparison: a T5 encoder-decoder built from a
 ``transformers`` config, autoregressive, recomputing the whole decoder at every step as the paper does.
 Both work in a normalised space: per-coordinate mean/std of inputs and targets live in the checkpoint.
@@ -42,6 +45,8 @@ class GTConfig:
     dropout: float = 0.1
     probe_tokens: int = 0  # extra encoder inputs: ``fedgt.provider.probes`` features (0: read the weights only)
     probe_dim: int = 0
+    anchor_k: int = 0  # > 0: residual on the mean of the k nearest shadow updates (parallel decoder only)
+    anchor_rows: int = 0  # rows of the retrieval table (``train_gt`` sets it: one per training domain)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,6 +61,10 @@ class GTConfig:
             raise ValueError("gt.kind='paper_gt' reads the update only (probe_tokens must be 0)")
         if (self.probe_tokens > 0) != (self.probe_dim > 0):
             raise ValueError(f"gt.probe_tokens and gt.probe_dim must both be 0 or both > 0, got {self}")
+        if self.anchor_k < 0 or self.anchor_rows < 0 or (self.anchor_rows and self.anchor_k > self.anchor_rows):
+            raise ValueError(f"gt.anchor_k must be >= 0 and at most anchor_rows (the table's size), got {self}")
+        if self.anchor_k and (self.kind != "gt" or self.decoder != "parallel"):
+            raise ValueError("gt.anchor_k > 0 (residual on retrieval) needs kind='gt' and decoder='parallel'")
         if self.d_model % self.n_heads:
             raise ValueError(f"gt.d_model ({self.d_model}) must be divisible by gt.n_heads ({self.n_heads})")
 
@@ -143,6 +152,15 @@ class GradTransformer(nn.Module):
             self.probe_norm = TokenNorm(cfg.probe_tokens, cfg.probe_dim)
             self.probe_in = nn.Linear(cfg.probe_dim, d)
             self.probe_pos = nn.Parameter(torch.zeros(cfg.probe_tokens, d))
+        if cfg.anchor_k:
+            if cfg.anchor_rows < cfg.anchor_k:
+                raise ValueError(f"gt.anchor_k={cfg.anchor_k} needs a retrieval table of >= {cfg.anchor_k} rows, got "
+                                 f"anchor_rows={cfg.anchor_rows} (train_gt sets it)")
+            self.register_buffer("anchor_keys", torch.zeros(cfg.anchor_rows, cfg.src_tokens * cfg.src_dim))
+            self.register_buffer("anchor_values", torch.zeros(cfg.anchor_rows, cfg.tgt_tokens, cfg.tgt_dim))
+            self.register_buffer("anchor_domain", torch.full((cfg.anchor_rows,), -1, dtype=torch.long))
+            self.anchor_in = nn.Linear(cfg.tgt_dim, d)
+            self.anchor_pos = nn.Parameter(torch.zeros(cfg.tgt_tokens, d))
         self.encoder = nn.ModuleList(Block(cfg, cross=False) for _ in range(cfg.enc_layers))
         self.enc_ln = nn.LayerNorm(d)
         if cfg.decoder == "parallel":
@@ -156,13 +174,33 @@ class GradTransformer(nn.Module):
         nn.init.zeros_(self.out.weight)  # start at the mean target: an untrained GT returns the mean update
         nn.init.zeros_(self.out.bias)
 
-    def encode(self, src_z: torch.Tensor, probe_z: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised TinyLM tokens ``(B, Ls, Ds)`` (and probe tokens) to encoder memory ``(B, Ls [+ P], d)``."""
+    @torch.no_grad()
+    def fit_anchors(self, tiny: torch.Tensor, llm: torch.Tensor, domain: torch.Tensor) -> None:
+        """Fill the retrieval table: raw TinyLM / LLM tokens of ``anchor_rows`` shadow pairs and their domains."""
+        if not self.cfg.anchor_k or len(tiny) != self.cfg.anchor_rows:
+            raise ValueError(f"fit_anchors needs exactly anchor_rows={self.cfg.anchor_rows} pairs, got {len(tiny)}")
+        self.anchor_keys.copy_(F.normalize(self.src_norm(tiny.to(self.anchor_keys)).flatten(1), dim=1))
+        self.anchor_values.copy_(llm)
+        self.anchor_domain.copy_(domain)
+
+    def anchor(self, src_z: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised mean LLM update of the ``anchor_k`` nearest table rows; ``exclude[b]`` drops that domain."""
+        sim = F.normalize(src_z.flatten(1), dim=1) @ self.anchor_keys.T
+        if exclude is not None:
+            sim = sim.masked_fill(self.anchor_domain[None, :] == exclude[:, None], float("-inf"))
+        top = sim.topk(self.cfg.anchor_k, dim=1).indices
+        return self.tgt_norm(self.anchor_values[top].mean(1))
+
+    def encode(self, src_z: torch.Tensor, probe_z: torch.Tensor | None = None,
+               anchor_z: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised TinyLM tokens ``(B, Ls, Ds)`` (and probe, anchor tokens) to encoder memory ``(B, L, d)``."""
         x = self.src_in(src_z) + self.src_pos
         if self.cfg.probe_tokens:
             if probe_z is None:
                 raise ValueError("this Grad-Transformer reads probe features: pass probe_z (fedgt.provider.probes)")
             x = torch.cat([x, self.probe_in(probe_z) + self.probe_pos], dim=1)
+        if anchor_z is not None:
+            x = torch.cat([x, self.anchor_in(anchor_z) + self.anchor_pos], dim=1)
         for block in self.encoder:
             x = block(x)
         return self.enc_ln(x)
@@ -173,10 +211,18 @@ class GradTransformer(nn.Module):
         return self.out(self.dec_ln(x))
 
     def forward(self, src_z: torch.Tensor, tgt_z: torch.Tensor | None = None,
-                probe_z: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised predictions ``(B, Lt, Dt)``; the autoregressive decoder needs ``tgt_z`` (teacher forcing)."""
-        memory = self.encode(src_z, probe_z)
+                probe_z: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised predictions ``(B, Lt, Dt)``; the autoregressive decoder needs ``tgt_z`` (teacher forcing).
+
+        A residual GT adds its correction to the retrieved anchor; ``exclude`` (training only) hides, per row, one
+        domain from the retrieval table (-1: none).
+        """
         b = src_z.shape[0]
+        if self.cfg.anchor_k:
+            anchor_z = self.anchor(src_z, exclude)
+            memory = self.encode(src_z, probe_z, anchor_z)
+            return anchor_z + self._decode((self.queries + self.tgt_pos).expand(b, -1, -1), memory, causal=False)
+        memory = self.encode(src_z, probe_z)
         if self.cfg.decoder == "parallel":
             return self._decode((self.queries + self.tgt_pos).expand(b, -1, -1), memory, causal=False)
         if tgt_z is None:

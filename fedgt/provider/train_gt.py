@@ -51,7 +51,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # of the shadow domains, held out for validation
     val_examples: int = 32  # per validation domain
     patience: int = 10
-    seed: int = 0
+    seed: int = 0  # initialisation and batch order
+    split_seed: int | None = None  # which shadow domains validate (None: ``seed``)
+    anchor_dropout: float = 0.5  # residual GT: chance a training pair's own domain is hidden from retrieval
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.anchor_dropout <= 1.0:
+            raise ValueError(f"train.anchor_dropout must be in [0, 1], got {self.anchor_dropout}")
 
 
 def split_domains(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -108,6 +112,9 @@ def _fit_norms(model, pairs: ShadowPairs) -> None:
         if pairs.probes is None:
             raise ValueError("this GT config reads probe features: compute pairs.probes first (fedgt.provider.probes)")
         model.probe_norm.fit(pairs.probes)
+    if model.cfg.anchor_k:
+        final = pairs.final()
+        model.fit_anchors(final.tiny, final.llm, final.domain)
 
 
 def functional_val_loss(judge: LLMJudge, llm_tokens: torch.Tensor, val: Sequence[Sequence[Example]]) -> float:
@@ -125,8 +132,11 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
     if needs_judge and judge is None:
         raise ValueError(f"objective {cfg.objective!r} / select_on {cfg.select_on!r} needs the LLM (a judge)")
     device = judge.device if judge is not None else torch.device("cpu")
-    train_names, val_names = split_domains(pairs.names, cfg.val_fraction, cfg.seed)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_names, val_names = split_domains(pairs.names, cfg.val_fraction, split_seed)
     train, val = pairs.select_domains(train_names), pairs.select_domains(val_names).final()
+    if gt_cfg.anchor_k:  # the retrieval table: one row per training domain (its final pair)
+        gt_cfg = replace(gt_cfg, anchor_rows=len(train.final().tiny))
     torch.manual_seed(cfg.seed)
     model = build_gt(gt_cfg)
     _fit_norms(model, train)
@@ -175,13 +185,18 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             src, tgt = model.src_norm(tiny_all[idx]), model.tgt_norm(llm_all[idx])
             probe_z = model.probe_norm(probes_all[idx]) if probes_all is not None else None
+            extra = {}
+            if gt_cfg.anchor_k:  # sometimes hide the pair's own domain: retrieval at inference may miss it too
+                hide = torch.rand(len(idx), generator=gen) < cfg.anchor_dropout
+                extra["exclude"] = torch.where(hide, train.domain[idx], -1).to(device)
             loss = torch.zeros((), device=device)
             if cfg.objective in ("mse", "mix"):
-                mse = F.mse_loss(model(src, tgt, probe_z), tgt)
+                mse = F.mse_loss(model(src, tgt, probe_z, **extra), tgt)
                 loss = loss + (cfg.mse_weight if cfg.objective == "mix" else 1.0) * mse
                 totals["mse"] += float(mse.detach())
             if cfg.objective in ("functional", "mix"):
-                generated = model.tgt_norm.inverse(model.generate(src, probe_z))
+                out_z = model(src, probe_z=probe_z, **extra) if gt_cfg.anchor_k else model.generate(src, probe_z)
+                generated = model.tgt_norm.inverse(out_z)
                 batch, groups = shadow.draw(train.domain[idx].tolist(), cfg.examples_per_pair, gen)
                 func = judge.example_losses(generated, batch.to(device), groups).mean()
                 loss = loss + func
