@@ -47,6 +47,7 @@ def test_every_scenario_file_loads(path: Path) -> None:
     ("eval.ceiling", 1, "expected bool"),
     ("model.pair", "huge", "model.pair"),
     ("gt.checkpoint", "/no/such/dir", "gt.checkpoint"),
+    ("gt.anchor-k", -1, "gt.anchor-k"),
     ("data.path", "/no/such/dir", "data.path"),
 ])
 def test_a_bad_value_fails_naming_its_key(key: str, value, words: str) -> None:
@@ -78,3 +79,12 @@ def test_derived_library_configs() -> None:
     provider = provider_config_for(cfg)
     assert provider.tiny_dp.mode == "dp-sgd" and provider.shadow_domains == cfg.gt.shadow_domains
     assert cfg.model_names() == ("tinylm", "llm")
+
+
+def test_a_residual_gt_is_a_different_provider_and_a_plain_one_keeps_its_key() -> None:
+    from fedgt.provider.provision import ProviderConfig, provider_config_for
+
+    plain = provider_config_for(from_run_config(BASE))
+    residual = provider_config_for(from_run_config({**BASE, "gt.anchor-k": 3}))
+    assert residual.anchor_k == 3 and residual.key() != plain.key()
+    assert ProviderConfig(anchor_k=0).key() == ProviderConfig().key()

@@ -36,8 +36,10 @@ def test_quality_benchmark_quick_mode_writes_the_results_shape(fedgt_cache, tmp_
     bench_quality.main(["--quick", "--out", str(tmp_path)])
     assert time.time() - t0 < 5 * 60  # the --quick budget on 2 cores
     result = json.loads((tmp_path / "quality_quick.json").read_text())
-    assert set(result["settings"]) == {"same_distribution", "held_out_combination", "held_out_family"}
-    required = {"gt", "gt_shuffled_input", "mean_update", "knn", "ridge", "proxy_tuning", "paper_gt",
+    assert set(result["settings"]) == {"same_distribution", "held_out_combination", "held_out_family",
+                                       "held_out_pretrained"}
+    required = {"gt", "gt_shuffled_input", "gt_residual", "gt_residual_shuffled_input", "mean_update", "knn", "ridge",
+                "proxy_tuning", "paper_gt",
                 "tiny_sample_kd", "tiny_ft", "llm_base", "llm_ft"}
     for block in result["settings"].values():
         assert required <= set(block["summary"])

@@ -93,6 +93,7 @@ class GTSection:
     checkpoint: str = ""  # a Grad-Transformer dir; "" = the provider default (curated + trained + cached on first use)
     shadow_domains: int = 320  # provider default: how many built-in shadow domains it curates
     epochs: int = 20  # provider default: GT training epochs
+    anchor_k: int = 0  # provider default: > 0 trains a GT residual on the k nearest shadow updates
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 16  # organizations per GT forward pass (and per aggregation chunk)
 
@@ -288,6 +289,7 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
          "is not a file")
     need(g.shadow_domains >= 4, "gt.shadow-domains", "must be >= 4")
     need(g.epochs >= 1, "gt.epochs", "must be >= 1")
+    need(0 <= g.anchor_k <= 16, "gt.anchor-k", "must be in [0, 16] (0: a plain GT)")
     need(g.device in ("auto", "cpu", "cuda"), "gt.device", "must be auto, cpu or cuda")
     need(g.batch_size >= 1, "gt.batch-size", "must be >= 1")
     need(not check_paths or not g.checkpoint or Path(g.checkpoint).is_dir(), "gt.checkpoint",

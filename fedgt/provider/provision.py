@@ -42,13 +42,16 @@ class ProviderConfig:
     epochs: int = 12
     same_val_domains: int = 16  # training domains re-tuned on other examples to validate the GT (same_val)
     d_model: int = 256
+    anchor_k: int = 0  # > 0: the GT is residual on the k nearest shadow updates (grad_transformer.GTConfig)
     seed: int = 0
     workers: int = 2
 
     def key(self) -> str:
-        """A short hash of everything that changes the result."""
+        """A short hash of everything that changes the result (a plain GT keeps the key it had before anchor_k)."""
         d = asdict(self)
         d.pop("workers")
+        if not d["anchor_k"]:
+            d.pop("anchor_k")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -59,7 +62,8 @@ def provider_config_for(cfg: FedConfig) -> ProviderConfig:
     tiny_dp = DPConfig(mode="dp-sgd", epsilon=d.epsilon, delta=d.delta, max_grad_norm=d.max_grad_norm) \
         if d.mode == "dp-sgd" else DPConfig()
     return ProviderConfig(tiny=tiny, llm=llm, lora=cfg.lora_settings(), finetune=cfg.finetune_config(),
-                          tiny_dp=tiny_dp, shadow_domains=cfg.gt.shadow_domains, epochs=cfg.gt.epochs)
+                          tiny_dp=tiny_dp, shadow_domains=cfg.gt.shadow_domains, epochs=cfg.gt.epochs,
+                          anchor_k=cfg.gt.anchor_k)
 
 
 def snapshot_steps(steps: int) -> tuple[int, ...]:
@@ -117,7 +121,8 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
         if same_val is not None:
             same_val.probes = probe_features(tiny_judge, same_val.tiny, prompts)
     probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
-    gcfg = gt_config_for(pairs, decoder="parallel", d_model=cfg.d_model, ffn=2 * cfg.d_model, **probe)
+    gcfg = gt_config_for(pairs, decoder="parallel", d_model=cfg.d_model, ffn=2 * cfg.d_model, anchor_k=cfg.anchor_k,
+                         **probe)
     log(f"provider: training the Grad-Transformer on {len(pairs.tiny)} pairs ({cfg.epochs} epochs, {device})",
         flush=True)
     train_gt(pairs, gcfg, tcfg, judge, {d.name: list(d.train) for d in shadow}, test_examples, gt_dir,

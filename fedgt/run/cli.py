@@ -211,7 +211,8 @@ def cmd_train_gt(args: argparse.Namespace) -> None:
     cfg = pairs.manifest["config"]
     lora = LoraSettings(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
     gcfg = gt_config_for(pairs, kind=args.kind, decoder="autoregressive" if args.kind == "paper_gt" else args.decoder,
-                         d_model=args.d_model, enc_layers=args.layers, dec_layers=args.layers, ffn=2 * args.d_model)
+                         d_model=args.d_model, enc_layers=args.layers, dec_layers=args.layers, ffn=2 * args.d_model,
+                         anchor_k=args.anchor_k)
     tcfg = TrainConfig(objective=args.objective, select_on=args.select_on, epochs=args.epochs, lr=args.gt_lr,
                        batch_size=args.gt_batch_size, patience=args.patience, seed=args.seed)
     device = args.device or str(best_device())
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-on", choices=["functional", "mse"], default="functional")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
+    p.add_argument("--anchor-k", type=int, default=0,
+                   help="> 0: predict a correction to the mean of the k nearest shadow updates (parallel decoder)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--gt-lr", type=float, default=1e-3)
     p.add_argument("--gt-batch-size", type=int, default=32)
