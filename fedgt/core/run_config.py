@@ -93,7 +93,7 @@ class GTSection:
     checkpoint: str = ""  # a Grad-Transformer dir; "" = the provider default (curated + trained + cached on first use)
     shadow_domains: int = 320  # provider default: how many built-in shadow domains it curates
     epochs: int = 20  # provider default: GT training epochs
-    anchor_k: int = 0  # provider default: > 0 trains a GT residual on the k nearest shadow updates
+    anchor_k: int = 3  # provider default: the GT is residual on the k nearest shadow updates (0: a plain GT)
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 16  # organizations per GT forward pass (and per aggregation chunk)
 
