@@ -84,7 +84,7 @@ def test_derived_library_configs() -> None:
 def test_a_residual_gt_is_a_different_provider_and_a_plain_one_keeps_its_key() -> None:
     from fedgt.provider.provision import ProviderConfig, provider_config_for
 
-    plain = provider_config_for(from_run_config(BASE))
-    residual = provider_config_for(from_run_config({**BASE, "gt.anchor-k": 3}))
-    assert residual.anchor_k == 3 and residual.key() != plain.key()
+    plain = provider_config_for(from_run_config({**BASE, "gt.anchor-k": 0}))
+    residual = provider_config_for(from_run_config(BASE))  # the default
+    assert residual.anchor_k == 3 and plain.anchor_k == 0 and residual.key() != plain.key()
     assert ProviderConfig(anchor_k=0).key() == ProviderConfig().key()
