@@ -190,7 +190,6 @@ def main(argv=None) -> dict:
                      TrainConfig(objective="mse", select_on="mse", lr=5e-4, epochs=max(args.gt_epochs, 50) if not
                                  args.quick else args.gt_epochs, patience=15, seed=args.seed)),
     }
-
     gts, gt_records = {}, {}
 
     same_names = pick_domains(train_names, args.same_val_domains, args.seed) if args.same_val_domains else []
@@ -221,7 +220,6 @@ def main(argv=None) -> dict:
         for i, gseed in enumerate(args.gt_seeds if name in SEEDED else (args.seed,)):
             train_variant(name if i == 0 else f"{name}_seed{gseed}", gcfg, replace(tcfg, seed=gseed) if name in SEEDED
                           else tcfg, pairs, cur_dir)
-
 
     # --- DP-SGD on the TinyLM: re-curate its side under the same DP-SGD settings, train a GT on those pairs -------
     dp_inputs: dict[str, str] = {}  # method -> which org tokens it reads
@@ -268,8 +266,6 @@ def main(argv=None) -> dict:
             **{v: predict(gts[v], tiny, probes if gts[v].cfg.probe_tokens else None) for v in gts
                if "dpsgd" not in v},
             **{f"{v}_shuffled_input": predict(gts[v], shuffled, shuffled_probes) for v in SEEDED if v in gts},
-            **{f"{v}_ensemble": torch.stack([predict(gts[m], tiny, probes) for m in _seeded(gts, v)]).mean(0)
-               for v in SEEDED if len(_seeded(gts, v)) > 1},
             **{m: maps[m].predict(tiny) for m in ("mean_update", "knn", "ridge")},
             "llm_base": torch.zeros(len(names), judge.spec.num_layers, judge.spec.token_dim),
             "llm_ft": org_tokens("llm_ft"),
@@ -282,6 +278,9 @@ def main(argv=None) -> dict:
                 tokens[method] = predict(model, inp, probe_features(tiny_judge, inp, prompts) if prompts else None)
             else:
                 tokens[method] = maps[method].predict(inp)
+        for v in SEEDED:  # the mean of the seeds' generated updates
+            if len(_seeded(gts, v)) > 1:
+                tokens[f"{v}_ensemble"] = torch.stack([tokens[m] for m in _seeded(gts, v)]).mean(0)
         tests = [list(d.test) for d in domains]
         rows = {n: {} for n in names}
         for method, toks in tokens.items():
