@@ -85,3 +85,15 @@ def test_dp_recuration_reuses_the_llm_side(toy_pair, tmp_path) -> None:
     other = CurationConfig(**{**dp_cfg.__dict__, "n_examples": 8})
     with pytest.raises(ValueError, match="differs"):
         curate(_domains(NAMES[:1]), other, tmp_path / "bad", workers=1, progress=False, reuse_llm=plain)
+
+
+def test_grouped_curation_equals_one_domain_at_a_time(toy_pair, tmp_path) -> None:
+    cfg = _cfg(toy_pair)
+    curate(_domains(NAMES), cfg, tmp_path / "grouped", workers=1, group_domains=4, progress=False)
+    curate(_domains(NAMES), cfg, tmp_path / "single", workers=1, group_domains=1, progress=False)
+    grouped, single = load_pairs(tmp_path / "grouped"), load_pairs(tmp_path / "single")
+    assert grouped.names == single.names
+    torch.testing.assert_close(grouped.tiny, single.tiny, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grouped.llm, single.llm, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="group_domains"):
+        curate(_domains(NAMES[:1]), cfg, tmp_path / "bad", group_domains=0, progress=False)

@@ -4,7 +4,9 @@ For each public shadow domain both models are fine-tuned from the same seeded Lo
 examples in the same order; the updates at the late snapshot steps are paired by step (the paper's
 step-offset pairing), so one domain yields ``len(snapshot_steps)`` pairs. Results are appended as
 safetensors shards listed in ``manifest.json``: a killed run resumes where it stopped, and a finished
-domain is never computed twice. Domains run in worker processes (one torch thread each).
+domain is never computed twice. Domains run in worker processes (one torch thread each), ``group_domains`` at a
+time: their adapters train together in one forward/backward per step (``fedgt.core.grouped_finetune``; same
+results as one at a time, up to float summation order), except under DP-SGD or with Conv1D targets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from fedgt.core.dp import DPConfig
 from fedgt.core.examples import Example
 from fedgt.core.finetune import FinetuneConfig, FinetuneResult, finetune
+from fedgt.core.grouped_finetune import finetune_grouped, supports_grouped
 from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
 from fedgt.core.models import load_model
 from fedgt.core.updates import UpdateSpec, flatten, spec_of
@@ -68,6 +71,14 @@ class LoraTuner:
         self.reset()
         return finetune(self.model, self.tokenizer, examples, cfg, dp)
 
+    def run_many(self, domains: Sequence[Sequence[Example]], cfg: FinetuneConfig, dp: DPConfig = DPConfig(),
+                 grouped: bool = True) -> list[FinetuneResult]:
+        """One fine-tune per domain from the seeded init: all in one grouped loop when the model and DP allow it."""
+        self.reset()
+        if grouped and len(domains) > 1 and dp.mode == "none" and supports_grouped(self.model):
+            return finetune_grouped(self.model, self.tokenizer, domains, cfg)
+        return [self.run(examples, cfg, dp) for examples in domains]
+
     def tokens(self, update: dict[str, torch.Tensor]) -> torch.Tensor:
         """An update as layer tokens ``(num_layers, token_dim)``."""
         return flatten(update, self.spec)
@@ -77,24 +88,39 @@ def _with_lr(cfg: FinetuneConfig, lr: float | None) -> FinetuneConfig:
     return cfg if lr is None else FinetuneConfig(**{**asdict(cfg), "lr": lr})
 
 
-def curate_domain(tiny: LoraTuner, llm: LoraTuner, examples: Sequence[Example], cfg: CurationConfig,
-                  llm_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Fine-tune both models on one domain; (tiny tokens, llm tokens) stacked over snapshot steps.
+def curate_domains(tiny: LoraTuner, llm: LoraTuner, domains: Sequence[Sequence[Example]], cfg: CurationConfig,
+                   llm_tokens: Sequence[torch.Tensor | None] | None = None, grouped: bool = True,
+                   ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, float]]]:
+    """Fine-tune both models on each domain; per domain (tiny tokens, llm tokens) stacked over snapshot steps.
 
-    ``llm_tokens`` given: reuse an earlier curation's LLM side (e.g. re-curating only the TinyLM under DP-SGD).
+    ``llm_tokens[i]`` given: reuse an earlier curation's LLM side of domain i (e.g. re-curating only the TinyLM
+    under DP-SGD). ``grouped``: train the domains' adapters together (``LoraTuner.run_many``).
     """
     steps = cfg.finetune.snapshot_steps or (cfg.finetune.steps,)
     snaps = lambda r: [r.snapshots.get(s, r.update) for s in steps]  # noqa: E731
-    t = tiny.run(examples, _with_lr(cfg.finetune, cfg.tiny_lr), cfg.tiny_dp)
-    tiny_tokens = torch.stack([tiny.tokens(u) for u in snaps(t)])
-    metrics = {"tiny-train-loss": t.metrics["train-loss"], "seconds": t.metrics["train-seconds"]}
-    if llm_tokens is None:
-        g = llm.run(examples, _with_lr(cfg.finetune, cfg.llm_lr))
-        llm_tokens = torch.stack([llm.tokens(u) for u in snaps(g)])
-        metrics.update({"llm-train-loss": g.metrics["train-loss"],
-                        "seconds": metrics["seconds"] + g.metrics["train-seconds"]})
-    metrics.update({k: v for k, v in t.metrics.items() if k.startswith("dp-")})
-    return tiny_tokens, llm_tokens, metrics
+    reuse = list(llm_tokens) if llm_tokens is not None else [None] * len(domains)
+    tiny_runs = tiny.run_many(domains, _with_lr(cfg.finetune, cfg.tiny_lr), cfg.tiny_dp, grouped)
+    todo = [i for i, r in enumerate(reuse) if r is None]
+    llm_runs = dict(zip(todo, llm.run_many([domains[i] for i in todo], _with_lr(cfg.finetune, cfg.llm_lr),
+                                           grouped=grouped), strict=True)) if todo else {}
+    out = []
+    for i, t in enumerate(tiny_runs):
+        metrics = {"tiny-train-loss": t.metrics["train-loss"], "seconds": t.metrics["train-seconds"]}
+        tokens = reuse[i]
+        if tokens is None:
+            g = llm_runs[i]
+            tokens = torch.stack([llm.tokens(u) for u in snaps(g)])
+            metrics.update({"llm-train-loss": g.metrics["train-loss"],
+                            "seconds": metrics["seconds"] + g.metrics["train-seconds"]})
+        metrics.update({k: v for k, v in t.metrics.items() if k.startswith("dp-")})
+        out.append((torch.stack([tiny.tokens(u) for u in snaps(t)]), tokens, metrics))
+    return out
+
+
+def curate_domain(tiny: LoraTuner, llm: LoraTuner, examples: Sequence[Example], cfg: CurationConfig,
+                  llm_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Fine-tune both models on one domain; (tiny tokens, llm tokens) stacked over snapshot steps."""
+    return curate_domains(tiny, llm, [examples], cfg, [llm_tokens])[0]
 
 
 # --- worker processes ---------------------------------------------------------------------------------------------
@@ -102,8 +128,9 @@ def curate_domain(tiny: LoraTuner, llm: LoraTuner, examples: Sequence[Example], 
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(cfg: CurationConfig, cache: str | None) -> None:
+def _init_worker(cfg: CurationConfig, cache: str | None, grouped: bool) -> None:
     torch.set_num_threads(1)
+    _WORKER["grouped"] = grouped
     if cache is not None:
         os.environ["FEDGT_CACHE"] = cache
     _WORKER["cfg"] = cfg
@@ -111,12 +138,13 @@ def _init_worker(cfg: CurationConfig, cache: str | None) -> None:
     _WORKER["llm"] = LoraTuner(cfg.llm_model, cfg.lora)
 
 
-def _work(task: tuple[str, list[Example], torch.Tensor | None]) -> tuple[str, torch.Tensor, torch.Tensor, dict]:
-    name, examples, reuse = task
+def _work(chunk: list[tuple[str, list[Example], torch.Tensor | None]]) -> list[tuple[str, torch.Tensor, torch.Tensor,
+                                                                                      dict]]:
     t0 = time.process_time()
-    tiny_tokens, llm_tokens, metrics = curate_domain(_WORKER["tiny"], _WORKER["llm"], examples, _WORKER["cfg"], reuse)
-    metrics["cpu-seconds"] = time.process_time() - t0
-    return name, tiny_tokens, llm_tokens, metrics
+    results = curate_domains(_WORKER["tiny"], _WORKER["llm"], [ex for _, ex, _ in chunk], _WORKER["cfg"],
+                             [reuse for _, _, reuse in chunk], grouped=bool(_WORKER["grouped"]))
+    cpu = (time.process_time() - t0) / len(chunk)
+    return [(name, t, g, {**m, "cpu-seconds": cpu}) for (name, _, _), (t, g, m) in zip(chunk, results, strict=True)]
 
 
 # --- the store ----------------------------------------------------------------------------------------------------
@@ -154,8 +182,11 @@ def _flush(out: Path, manifest: dict, results: list) -> None:
 
 
 def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, out: Path, workers: int = 2,
-           shard_domains: int = 16, progress: bool = True, reuse_llm: ShadowPairs | None = None) -> dict:
+           shard_domains: int = 16, progress: bool = True, reuse_llm: ShadowPairs | None = None,
+           group_domains: int = 8) -> dict:
     """Curate every (name, examples) domain not yet in ``out``; returns the manifest.
+
+    ``group_domains``: domains a worker trains together per forward/backward (1: one at a time).
 
     ``reuse_llm``: pairs of an earlier curation with the same LLM, LoRA and fine-tuning settings, whose LLM
     updates are reused as they are (only the TinyLM side is computed; e.g. the TinyLM under DP-SGD).
@@ -181,22 +212,28 @@ def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, ou
         if mismatch:
             raise ValueError(f"reuse_llm: the earlier curation differs in {mismatch}")
         manifest["reused_llm_from"] = str(reuse_llm.manifest.get("dir", "?"))
+    if group_domains < 1:
+        raise ValueError(f"curate: group_domains must be >= 1, got {group_domains}")
     todo = [(n, ex, _llm_side(reuse_llm, n)) for n, ex in domains if n not in done]
     if not todo:
         return manifest
+    # Chunks no larger than an even share per worker, so a few domains still keep every worker busy.
+    size = max(1, min(group_domains, -(-len(todo) // workers)))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     t0 = time.time()
     pending: list = []
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, os.environ.get("FEDGT_CACHE"))) as pool:
+    with ctx.Pool(workers, initializer=_init_worker,
+                  initargs=(cfg, os.environ.get("FEDGT_CACHE"), group_domains > 1)) as pool:
         bar = tqdm(total=len(domains), initial=len(domains) - len(todo), desc="curate", disable=not progress)
-        for result in pool.imap_unordered(_work, todo):
-            pending.append(result)
-            bar.update(1)
-            if len(pending) >= shard_domains:
+        for results in pool.imap_unordered(_work, chunks):
+            pending += results
+            bar.update(len(results))
+            while len(pending) >= shard_domains:
                 manifest["wall_seconds"] += time.time() - t0
                 t0 = time.time()
-                _flush(out, manifest, pending)
-                pending = []
+                _flush(out, manifest, pending[:shard_domains])
+                pending = pending[shard_domains:]
         bar.close()
     if pending:
         manifest["wall_seconds"] += time.time() - t0
