@@ -21,6 +21,7 @@ from fedgt.core.lora import (
     attach_lora,
     discover_target_modules,
     lora_parameters,
+    merge_into_base,
     set_lora_parameters,
 )
 
@@ -239,3 +240,21 @@ def test_gpt2_conv1d_lora_delta_uses_transposed_weight() -> None:
     # Assert
     assert params["transformer.h.0.attn.c_attn.lora_B.weight"].shape == (3 * HIDDEN, 2)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [toy_llama, toy_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_merging_factors_into_the_base_equals_running_them_as_lora(build) -> None:
+    # Prepare: factors away from the init; one model runs them as LoRA, the other folds them into its base weights
+    # (GPT-2's Conv1D stores (in, out), so the fold must transpose B @ A).
+    settings = LoraSettings()
+    as_lora, merged = attach_lora(build(), settings), attach_lora(build(), settings)
+    g = torch.Generator().manual_seed(3)
+    factors = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in lora_parameters(as_lora).items()}
+    set_lora_parameters(as_lora, factors)
+
+    # Execute: fold into the base, and leave the seeded LoRA of the merged model at B = 0 (no contribution).
+    merge_into_base(merged, factors, settings.scaling)
+
+    # Assert
+    with torch.no_grad():
+        torch.testing.assert_close(merged(TOKENS).logits, as_lora(TOKENS).logits, atol=1e-5, rtol=1e-5)

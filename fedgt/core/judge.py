@@ -49,7 +49,7 @@ class LLMJudge:
 
     @torch.no_grad()
     def set_dense(self, change: dict[str, torch.Tensor]) -> None:
-        """Base weights + a dense change per LoRA module (reset from the untouched base each call; {} = base)."""
+        """Base weights + a dense (out, in) change per LoRA module (reset from the untouched base; {} = base)."""
         modules = dict(self.model.named_modules())
         if self._base_weights is None:
             self._base_weights = {n[len("base_model.model."):]: m.base_layer.weight.detach().clone()
@@ -59,8 +59,10 @@ class LLMJudge:
         if unknown:
             raise KeyError(f"set_dense: {unknown[:3]} are not LoRA-wrapped modules")
         for m, base in self._base_weights.items():
-            layer = modules["base_model.model." + m].base_layer
-            layer.weight.copy_(base + change[m].to(base) if m in change else base)
+            wrapped = modules["base_model.model." + m]
+            # A change is (out, in) as B @ A; GPT-2's Conv1D (peft's fan_in_fan_out) stores its weight (in, out).
+            delta = change[m].T if m in change and getattr(wrapped, "fan_in_fan_out", False) else change.get(m)
+            wrapped.base_layer.weight.copy_(base + delta.to(base) if delta is not None else base)
 
     @property
     def device(self) -> torch.device:
