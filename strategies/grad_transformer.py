@@ -32,10 +32,19 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    s * B_i @ A_i, exactly, into one dense change per adapted module (memory independent of the number of
    organizations; saved as an exact LoRA by SVD); ``factors`` averages the LoRA factors as FedAvg does, whose
    product is not the mean of the products (retranslate only for ``weights``).
+5. Do no harm (docs/federation.md). ``coverage`` scores each organization's update as the GT reads it
+   (``fedgt.provider.coverage``: 1 = the edge of the curated updates' spread); above ``coverage_threshold`` τ the
+   GT's translation is not trusted: ``skip`` leaves the organization out of the round, ``shrink`` multiplies its
+   contribution (its LLM update; in aggregate-then-transform its TinyLM update) by min(1, τ / score), ``apply``
+   uses it as is. Each score is logged per node and sent back to that node with its next train message
+   (``coverage-last-round``). With ``public_loss``, a round is accepted only if the new LLM's public validation
+   loss is at most the last accepted one's plus ``accept_tolerance``; otherwise both shared models, the server
+   optimizer and the consolidator's warm start go back to where they were (a central-DP round stays accounted).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -48,6 +57,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedgt.core.identity import to_config
 from fedgt.core.lora import LoraSettings
+from fedgt.core.run_config import COVERAGE_KEY, OUT_OF_COVERAGE
 from fedgt.core.updates import (
     UpdateError,
     UpdateSpec,
@@ -71,6 +81,8 @@ Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update 
 # (T, Lt, Dt) LLM updates (teachers), (T, Ls, Ds) the TinyLM updates they came from -> (Lt, Dt) one joint update
 Distill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MERGE_METHODS = ("task_arithmetic", "ties", "dare")
+Coverage = Callable[[torch.Tensor], torch.Tensor]  # (B, Ls, Ds) TinyLM tokens as the GT reads them -> (B,) scores
+PublicLoss = Callable[[GlobalAdapter, dict[str, torch.Tensor] | None], float]  # the LLM (adapter, dense change)
 
 
 def describe_reply(msg: Message) -> dict:
@@ -105,8 +117,21 @@ class GradTransformerStrategy(FedAvg):
                  central_dp: CentralDP | None = None, max_update_norm: float = 100.0, gt_batch_size: int = 16,
                  space: str = "factors", tiny_identity: Mapping[str, str] | None = None,
                  max_num_examples: float = math.inf, merge_scale: float = 1.0, density: float = 0.5,
-                 distill: Distill | None = None, **fedavg_kwargs):
+                 distill: Distill | None = None, coverage: Coverage | None = None, out_of_coverage: str = "skip",
+                 coverage_threshold: float = 1.0, public_loss: PublicLoss | None = None,
+                 accept_tolerance: float = 0.0, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
+        if out_of_coverage not in OUT_OF_COVERAGE:
+            raise ValueError(f"strategy.out-of-coverage must be one of {OUT_OF_COVERAGE}, got {out_of_coverage!r}")
+        if not 0 < coverage_threshold < math.inf:
+            raise ValueError(f"strategy.coverage-threshold must be a finite number > 0, got {coverage_threshold}")
+        if not 0 <= accept_tolerance < math.inf:
+            raise ValueError(f"strategy.accept-tolerance must be a finite number >= 0, got {accept_tolerance}")
+        # Do no harm: where the GT is trusted (None: unknown, every update applied) and what a round must not worsen.
+        self.coverage, self.out_of_coverage, self.coverage_threshold = coverage, out_of_coverage, coverage_threshold
+        self.coverage_scores: dict[int, float] = {}  # node -> the coverage score of its update in the last round
+        self.public_loss, self.accept_tolerance = public_loss, accept_tolerance
+        self.accepted_public_loss: float | None = None  # the public validation loss of the last accepted LLM
         if mode not in MODES:
             raise ValueError(f"strategy.mode must be one of {MODES}, got {mode!r}")
         if central_dp is not None and (mode != "aggregate-then-transform" or aggregator != "mean"):
@@ -164,7 +189,17 @@ class GradTransformerStrategy(FedAvg):
         base = self.tiny.base_factors()
         for m in messages:
             m.content["base"] = ArrayRecord({k: Array(v.numpy()) for k, v in base.items()}) if base else ArrayRecord()
-        return messages
+        return [self._with_coverage(m) for m in messages]
+
+    def _with_coverage(self, msg: Message) -> Message:
+        """The message with its own config carrying the node's last coverage score (messages share one content)."""
+        score = self.coverage_scores.get(msg.metadata.dst_node_id)
+        if score is None:
+            return msg
+        content = RecordDict(dict(msg.content.items()))
+        content[self.configrecord_key] = ConfigRecord({**dict(msg.content[self.configrecord_key]), COVERAGE_KEY: score})
+        msg.content = content
+        return msg
 
     def _poisson_sample(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
         """Central DP: each connected organization takes part independently with probability q, as accounted."""
@@ -231,17 +266,25 @@ class GradTransformerStrategy(FedAvg):
         entry = {"round": server_round, "rejected": [], "declined": [], **(entry or {})}
         entry["accepted"] = [a[0] for a in accepted]
         self.round_log[server_round] = entry
-        if not accepted and self.central_dp is None:  # under central DP an empty round is still noised + accounted
-            log.warning("round %d: no usable reply; the shared models stay as they were", server_round)
-            entry["server_s"] = time.perf_counter() - t0
-            entry["metrics"] = self._round_metrics(entry, [])
-            return None, MetricRecord(entry["metrics"])
-
-        t_gt = time.perf_counter()
         # retranslate: the GT reads each organization's whole adapter (round start + its update) relative to the
         # seeded init, and the LLM becomes the GT's image of that, not the sum of per-round images.
         offset = self._offset(self.tiny) if self.rounds in ("retranslate", "fresh") else None
-        tiny_delta, llm_target, dp_metrics = self._combine(accepted, offset)
+        accepted, scale = self._cover(accepted, offset, entry)
+        if not accepted and self.central_dp is None:  # under central DP an empty round is still noised + accounted
+            log.warning("round %d: no usable reply%s; the shared models stay as they were", server_round,
+                        " inside the GT's coverage" if entry.get("out-of-coverage") else "")
+            entry["llm-unchanged"] = True
+            entry["server_s"] = time.perf_counter() - t0
+            entry["metrics"] = self._round_metrics(entry, [])
+            return None, MetricRecord(entry["metrics"])
+        before = None
+        if self.public_loss is not None:
+            if self.accepted_public_loss is None:  # the untuned LLM's, once
+                self.accepted_public_loss = self.public_loss(self.llm, self.llm_weight_change())
+            before = self._shared_state()
+
+        t_gt = time.perf_counter()
+        tiny_delta, llm_target, dp_metrics = self._combine(accepted, offset, scale)
         entry["gt_s"] = time.perf_counter() - t_gt
         if self.llm_dense is not None:  # weights space: the target is a dense change; step towards it
             llm_step = self.server_opt.step(llm_target - self.llm_dense)
@@ -256,9 +299,61 @@ class GradTransformerStrategy(FedAvg):
         self.llm.end_round()
         entry.update(dp_metrics)
         entry["llm_step_norm"] = float(llm_step.norm())
+        self._accept_or_roll_back(entry, before)
         entry["server_s"] = time.perf_counter() - t0
         entry["metrics"] = self._round_metrics(entry, accepted)
         return self.current_arrays(), MetricRecord(entry["metrics"])
+
+    def _cover(self, accepted: list[Contribution], offset: torch.Tensor | None, entry: dict
+               ) -> tuple[list[Contribution], dict[int, float]]:
+        """Score each update as the GT reads it; the contributions kept and the shrink factor of each (docs above)."""
+        self.coverage_scores = {}
+        if self.coverage is None or not accepted:
+            entry["coverage"] = None if self.coverage is None else {}
+            return accepted, {}
+        read = torch.stack([t if offset is None else t + offset for _, t, _, _ in accepted])
+        scores = [float(x) for x in self.coverage(read)]
+        self.coverage_scores = {a[0]: x for a, x in zip(accepted, scores, strict=True)}
+        outside = {a[0] for a, x in zip(accepted, scores, strict=True) if not x <= self.coverage_threshold}
+        entry["coverage"], entry["out-of-coverage"] = dict(self.coverage_scores), sorted(outside)
+        entry["coverage-action"] = self.out_of_coverage
+        if outside:
+            log.warning("round %d: %d update(s) outside the GT's coverage (score > %g): %s", self._round,
+                        len(outside), self.coverage_threshold, self.out_of_coverage)
+        if self.out_of_coverage == "skip":
+            return [a for a in accepted if a[0] not in outside], {}
+        if self.out_of_coverage == "shrink":
+            scale = {n: min(1.0, self.coverage_threshold / self.coverage_scores[n]) for n in outside}
+            entry["coverage-scale"] = scale
+            return accepted, scale
+        return accepted, {}
+
+    def _shared_state(self) -> dict:
+        """Everything a round changes that a rejected round must restore."""
+        return {"tiny": copy.deepcopy(self.tiny.state_dict()), "llm": copy.deepcopy(self.llm.state_dict()),
+                "server_opt": self.server_opt.state_dict(),  # cloned there
+                # replaced by a round, never changed in place: the reference is the state
+                "llm_dense": self.llm_dense, "distill": getattr(self.distill, "previous", None)}
+
+    def _accept_or_roll_back(self, entry: dict, before: dict | None) -> None:
+        """Keep the round if the new LLM's public validation loss is no worse than the accepted one's; else restore."""
+        if self.public_loss is None or before is None:
+            return
+        candidate, accepted = self.public_loss(self.llm, self.llm_weight_change()), self.accepted_public_loss
+        ok = candidate <= accepted + self.accept_tolerance  # NaN: rejected
+        entry.update({"round-accepted": ok, "candidate-public-loss": candidate, "accepted-public-loss": accepted})
+        if ok:
+            self.accepted_public_loss = candidate
+            return
+        log.warning("round %d: not accepted, the LLM's public validation loss %.4f > %.4f (accepted) + %g; the shared "
+                    "models stay as they were", self._round, candidate, accepted, self.accept_tolerance)
+        self.tiny.load_state_dict(before["tiny"])
+        self.llm.load_state_dict(before["llm"])
+        self.llm_dense = before["llm_dense"]
+        self.server_opt.load_state_dict(before["server_opt"])
+        entry["llm-unchanged"] = True
+        if hasattr(self.distill, "previous"):
+            self.distill.previous = before["distill"]
 
     def _llm_vector(self, tokens: torch.Tensor) -> torch.Tensor:
         """An LLM update (layer tokens) as the vector the aggregator combines: its factors, or its dense change."""
@@ -291,12 +386,16 @@ class GradTransformerStrategy(FedAvg):
         """The adapter's current factors minus its seeded init, as layer tokens."""
         return flatten({k: adapter.current[k] - adapter.init[k] for k in adapter.spec.keys}, adapter.spec)
 
-    def _combine(self, accepted: list[Contribution], offset: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _combine(self, accepted: list[Contribution], offset: torch.Tensor | None = None,
+                 scale: Mapping[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(TinyLM aggregate, LLM aggregate) as flat vectors, and any central-DP metrics.
 
-        ``offset`` (TinyLM layer tokens) is added to what the GT reads, not to the TinyLM aggregate.
+        ``offset`` (TinyLM layer tokens) is added to what the GT reads, not to the TinyLM aggregate. ``scale``
+        (node -> factor, shrink): that node's LLM update, or in aggregate-then-transform its TinyLM update, is scaled.
         """
+        scale = scale or {}
+        if self.mode == "aggregate-then-transform" and scale:
+            accepted = [(node, t * scale.get(node, 1.0), w, m) for node, t, w, m in accepted]
         shift = (lambda t: t + offset) if offset is not None else (lambda t: t)  # noqa: E731
         n = len(accepted)
         dp_metrics: dict = {}
@@ -328,13 +427,13 @@ class GradTransformerStrategy(FedAvg):
                     self.org_llm[node] = row  # (Lt, Dt): small (LoRA factors), kept for per-organization adapters
                     if isinstance(metrics.get("sim-partition-id"), int | float):
                         self.org_partition[node] = int(metrics["sim-partition-id"])
-                    yield self._llm_vector(row), w
+                    yield self._llm_vector(row) * scale.get(node, 1.0), w
 
         if self.aggregator != "distill":
             return tiny_agg, self._aggregate(llm_updates(), n), dp_metrics
         for _ in llm_updates():  # fills org_llm
             pass
-        teachers = torch.stack([self.org_llm[a[0]] for a in accepted])  # (T, Lt, Dt)
+        teachers = torch.stack([self.org_llm[a[0]] * scale.get(a[0], 1.0) for a in accepted])  # (T, Lt, Dt)
         try:
             joint = self.distill(teachers, torch.stack([shift(t) for _, t, _, _ in accepted]))
         except ValueError as err:  # e.g. no teacher answered a prompt: this round falls back to the mean
@@ -373,6 +472,14 @@ class GradTransformerStrategy(FedAvg):
             out[f"rejected-{r['code']}"] = out.get(f"rejected-{r['code']}", 0) + 1
         if "gt_s" in entry:
             out["gt-seconds"] = entry["gt_s"]
+        if entry.get("coverage"):  # the per-node scores are in the round log (metrics.jsonl)
+            out["coverage-max"] = max(entry["coverage"].values())
+            out["out-of-coverage"] = len(entry["out-of-coverage"])
+        out["llm-unchanged"] = float(bool(entry.get("llm-unchanged")))
+        if "round-accepted" in entry:
+            out["round-accepted"] = float(entry["round-accepted"])
+            out["candidate-public-loss"] = entry["candidate-public-loss"]
+            out["accepted-public-loss"] = entry["accepted-public-loss"]
         out.update(self.distill_stats if self.aggregator == "distill" else {})
         for k, v in entry.items():
             if k.startswith("dp-"):

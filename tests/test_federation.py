@@ -35,9 +35,12 @@ def _flat(d: dict) -> dict:
 def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     out, home = tmp_path / "run", tmp_path / "flwr-home"
     # Sites that require DP-SGD at ε <= 4, budget 5, and release nothing but the update, num-examples and ε.
+    # Their DP-SGD updates (16 examples each) lie far outside the toy GT's coverage (curated on 128 examples per
+    # domain): applied anyway here, and no acceptance test, so the round's LLM and adapters are checked.
     overrides = _flat(toy_overrides(**{"output": {"dir": str(out)}, "dp": {"mode": "dp-sgd", "epsilon": 4.0},
                                        "sim-sites": {"dp-mode": "dp-sgd", "max-epsilon": 4.0, "budget": 5.0,
-                                                     "release": ""}}))
+                                                     "release": ""},
+                                       "strategy": {"out-of-coverage": "apply", "accept-rounds": False}}))
     assert run_federation(ROOT, overrides, home, timeout=600) == 0
     assert _superlink_pids(home) == []  # the local SuperLink it started is stopped again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -47,6 +50,9 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     assert len(first["accepted"]) == 2 and first["metrics"]["dp-epsilon-total-max"] == pytest.approx(4.0, rel=0.05)
     # Budget 5: two ε=4 rounds compose (RDP) to ~6 > 5, so both organizations decline, saying why.
     assert len(second["declined"]) == 2 and "budget" in second["declined"][0]["reason"]
+    # Every update's coverage score is in the round log, per node (and goes back to that node with round 2).
+    assert sorted(first["coverage"]) == sorted(str(n) for n in first["accepted"]) and first["out-of-coverage"]
+    assert first["coverage-action"] == "apply" and "round-accepted" not in first
     assert "| 2 |" in (out / "results.md").read_text() and (out / "metrics.png").is_file()
 
     # Everything that reached the server, reply by reply: the update of the TinyLM's spec and whitelisted metrics

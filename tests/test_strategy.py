@@ -293,3 +293,120 @@ def test_fresh_rounds_keep_the_tinylm_at_the_init_and_rederive_the_llm_each_roun
     s.aggregate_train(2, [good(i + 1, update(10 + i), 10) for i in range(2)])
     expected = (_dense(update(10)) + _dense(update(11))) / 2  # round 2's updates only, no memory of round 1
     torch.testing.assert_close(s.llm_dense, expected, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ do no harm
+
+CURATED = torch.stack([flatten(update(s), SPEC) for s in range(10)])  # the GT's training updates (Ls, Ds) each
+NEAR = {k: v + 1e-3 for k, v in update(0).items()}  # next to a curated update: inside coverage
+FAR = update(99, scale=5.0)  # fifty times the curated spread: outside
+
+
+def coverage():
+    from fedgt.provider.coverage import Coverage
+
+    return Coverage.fit(CURATED.mean(0), CURATED.std(0), CURATED)
+
+
+def test_coverage_scores_each_update_and_logs_it_per_node() -> None:
+    cov = coverage()
+    s = strategy(rounds="naive", coverage=cov, out_of_coverage="apply")
+    _, metrics = s.aggregate_train(1, [good(1, NEAR, 10), good(2, FAR, 10)])
+    scores = s.round_log[1]["coverage"]
+    assert scores[1] < 0.1 and scores[2] > 5 and s.round_log[1]["out-of-coverage"] == [2]
+    assert scores[2] == pytest.approx(float(cov(flatten(FAR, SPEC)[None])[0]))
+    assert metrics["out-of-coverage"] == 1 and metrics["coverage-max"] == pytest.approx(scores[2])
+
+
+@pytest.mark.parametrize("action", ["skip", "shrink", "apply"])
+def test_an_update_outside_coverage_is_skipped_shrunk_or_applied(action: str) -> None:
+    s = strategy(rounds="naive", coverage=coverage(), out_of_coverage=action, coverage_threshold=1.0)
+    s.aggregate_train(1, [good(1, NEAR, 10), good(2, FAR, 30)])
+    far_scale = {"skip": 0.0, "shrink": 1.0 / s.coverage_scores[2], "apply": 1.0}[action]
+    for k in KEYS:  # identity GT: the LLM update is the weighted mean of (scaled) updates
+        llm = (10 * NEAR[k] + 30 * far_scale * FAR[k]) / 40 if action != "skip" else NEAR[k]
+        tiny = (10 * NEAR[k] + 30 * FAR[k]) / 40 if action != "skip" else NEAR[k]  # shrink scales the LLM side only
+        torch.testing.assert_close(s.llm.current[k], INIT[k] + llm, atol=1e-6, rtol=0)
+        torch.testing.assert_close(s.tiny.current[k], INIT[k] + tiny, atol=1e-6, rtol=0)
+    if action == "shrink":
+        assert s.round_log[1]["coverage-scale"] == {2: pytest.approx(far_scale)} and 0 < far_scale < 0.2
+
+
+def test_shrink_in_aggregate_then_transform_scales_the_tinylm_update_entering_the_aggregate() -> None:
+    s = strategy(rounds="naive", mode="aggregate-then-transform", coverage=coverage(), out_of_coverage="shrink")
+    s.aggregate_train(1, [good(1, NEAR, 10), good(2, FAR, 10)])
+    c = 1.0 / s.coverage_scores[2]
+    for k in KEYS:
+        torch.testing.assert_close(s.llm.current[k], INIT[k] + (NEAR[k] + c * FAR[k]) / 2, atol=1e-6, rtol=0)
+
+
+def test_when_every_update_is_outside_coverage_the_llm_is_unchanged_and_the_round_says_so() -> None:
+    s = strategy(space="weights", rounds="fresh", coverage=coverage())  # skip: the default
+    arrays, metrics = s.aggregate_train(1, [good(1, FAR, 10), good(2, update(98, scale=5.0), 10)])
+    assert arrays is None and metrics["llm-unchanged"] == 1.0 and metrics["out-of-coverage"] == 2
+    assert s.round_log[1]["llm-unchanged"] and torch.count_nonzero(s.llm_dense) == 0
+
+
+def test_each_node_gets_its_own_coverage_score_with_its_next_train_message() -> None:
+    from fedgt.core.run_config import COVERAGE_KEY
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2, 3]
+
+    s = strategy(rounds="naive", coverage=coverage(), min_available_nodes=3)
+    s.aggregate_train(1, [good(1, NEAR, 10), good(2, FAR, 10)])  # node 3 did not take part
+    messages = {m.metadata.dst_node_id: m for m in s.configure_train(2, s.current_arrays(), ConfigRecord({}), Grid())}
+    sent = {n: m.content["config"].get(COVERAGE_KEY) for n, m in messages.items()}
+    assert sent == {1: pytest.approx(s.coverage_scores[1]), 2: pytest.approx(s.coverage_scores[2]), 3: None}
+    assert all(m.content["config"]["server-round"] == 2 for m in messages.values())
+
+
+def _distance_to(target: dict[str, torch.Tensor]):
+    """A public validation loss: the LLM adapter's squared distance to a target adapter."""
+    def public_loss(adapter, dense) -> float:
+        if dense is not None:
+            return float((dense_vector(dense) - _dense(target)).square().sum())
+        return float(sum((adapter.current[k] - INIT[k] - target[k]).square().sum() for k in KEYS))
+    return public_loss
+
+
+def dense_vector(dense: dict[str, torch.Tensor]) -> torch.Tensor:
+    from fedgt.server.global_adapter import dense_to_vector
+
+    return dense_to_vector(dense, SPEC)
+
+
+@pytest.mark.parametrize(("space", "rounds"), [("factors", "naive"), ("weights", "retranslate")])
+def test_a_round_that_worsens_public_validation_is_rolled_back(space: str, rounds: str) -> None:
+    target = update(1)
+    s = strategy(space=space, rounds=rounds, public_loss=_distance_to(target),
+                 server_opt=ServerOptimizer("fedavgm", lr=1.0))
+    untuned = _distance_to(target)(s.llm, s.llm_weight_change())
+    _, first = s.aggregate_train(1, [good(1, {k: 0.5 * v for k, v in target.items()}, 10)])  # halfway: better
+    assert first["round-accepted"] == 1.0 and first["candidate-public-loss"] < untuned
+    kept = ({k: v.clone() for k, v in s.llm.current.items()}, {k: v.clone() for k, v in s.tiny.current.items()},
+            None if s.llm_dense is None else s.llm_dense.clone(), s.server_opt.state_dict()["m"].clone())
+    _, second = s.aggregate_train(2, [good(1, update(7, scale=1.0), 10)])  # elsewhere: worse
+    log = s.round_log[2]
+    assert log["round-accepted"] is False and second["round-accepted"] == 0.0 and second["llm-unchanged"] == 1.0
+    assert log["candidate-public-loss"] > log["accepted-public-loss"] == pytest.approx(first["candidate-public-loss"])
+    for k in KEYS:  # both shared models, the weight change and the server optimizer's momentum as before the round
+        assert torch.equal(s.llm.current[k], kept[0][k]) and torch.equal(s.tiny.current[k], kept[1][k])
+    assert kept[2] is None or torch.equal(s.llm_dense, kept[2])
+    assert torch.equal(s.server_opt.state_dict()["m"], kept[3])
+
+
+def test_a_round_within_the_tolerance_is_accepted() -> None:
+    target = update(1)
+    loss = _distance_to(target)
+    s = strategy(rounds="naive", public_loss=loss, accept_tolerance=10.0)
+    _, metrics = s.aggregate_train(1, [good(1, update(7, scale=0.2), 10)])
+    assert metrics["candidate-public-loss"] > metrics["accepted-public-loss"] and metrics["round-accepted"] == 1.0
+    assert s.accepted_public_loss == metrics["candidate-public-loss"]
+    with pytest.raises(ValueError, match="accept-tolerance"):
+        strategy(accept_tolerance=-1.0)
+    with pytest.raises(ValueError, match="out-of-coverage"):
+        strategy(out_of_coverage="ignore")
+    with pytest.raises(ValueError, match="coverage-threshold"):
+        strategy(coverage_threshold=0.0)

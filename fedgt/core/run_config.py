@@ -27,6 +27,8 @@ SPACES = ("weights", "factors")
 SERVER_OPTS = ("none", "fedavgm", "fedadam")
 SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
 PARTITIONS = ("domain", "iid", "dirichlet")
+OUT_OF_COVERAGE = ("skip", "shrink", "apply")
+COVERAGE_KEY = "coverage-last-round"  # a train message's config: the coverage score of the node's previous update
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,10 @@ class StrategySection:
     central_dp_noise_multiplier: float = 1.0
     merge_scale: float = 1.0  # task_arithmetic / ties / dare: lambda, the scale of the merged task vectors
     density: float = 0.5  # ties / dare: the fraction of each task vector kept
+    out_of_coverage: str = "skip"  # skip | shrink | apply: an update the GT does not cover (docs/federation.md)
+    coverage_threshold: float = 1.0  # coverage score above which an update is outside the GT's coverage
+    accept_rounds: bool = False  # true: keep a round only if the LLM's public validation loss does not get worse
+    accept_tolerance: float = 0.0  # ... by more than this (absolute loss)
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,11 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
          "'distill' needs strategy.mode = 'transform-then-aggregate' (each organization's LLM update is a teacher)")
     need(s.merge_scale > 0 and math.isfinite(s.merge_scale), "strategy.merge-scale", "must be a finite number > 0")
     need(0 < s.density <= 1, "strategy.density", "must be in (0, 1]")
+    need(s.out_of_coverage in OUT_OF_COVERAGE, "strategy.out-of-coverage", f"must be one of {OUT_OF_COVERAGE}")
+    need(s.coverage_threshold > 0 and math.isfinite(s.coverage_threshold), "strategy.coverage-threshold",
+         "must be a finite number > 0")
+    need(s.accept_tolerance >= 0 and math.isfinite(s.accept_tolerance), "strategy.accept-tolerance",
+         "must be a finite number >= 0")
     ds = cfg.distill
     for key, value in (("prompts-per-teacher", ds.prompts_per_teacher), ("neighbours", ds.neighbours),
                        ("steps", ds.steps), ("batch-size", ds.batch_size)):

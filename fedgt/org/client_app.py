@@ -3,7 +3,8 @@
 Per ``train`` message: read the site's data and policy from its node config (in simulation: the scenario's
 ``sim-sites.*``), rebuild the round's start from ``base`` and ``arrays``, run ``fedgt.org.site.local_round`` with a
 secret noise source and the site's own ledger, and reply through ``fedgt.org.release`` (the update and the
-whitelisted metrics, or a decline with its reason).
+whitelisted metrics, or a decline with its reason). The coverage score the server sends back for the site's
+previous update (``coverage-last-round``) goes to the site's log.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedgt.core.identity import from_config
 from fedgt.core.org_data import simulated_data, site_data
-from fedgt.core.run_config import FedConfig, from_run_config
+from fedgt.core.run_config import COVERAGE_KEY, FedConfig, from_run_config
 from fedgt.org.ledger import PrivacyLedger
 from fedgt.org.policy import SitePolicy, simulated_policy, site_policy
 from fedgt.org.release import describe_release, release
@@ -55,6 +56,10 @@ def _round(msg: Message, context: Context, cfg: FedConfig, policy: SitePolicy) -
     nc = dict(context.node_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    if COVERAGE_KEY in config:  # how far the GT trusted this site's previous update (docs/federation.md)
+        score, limit = float(config[COVERAGE_KEY]), cfg.strategy.coverage_threshold
+        log.info("organization %s: coverage score of its previous update %.3f (%s the Grad-Transformer's coverage, "
+                 "threshold %g)", context.node_id, score, "inside" if score <= limit else "OUTSIDE", limit)
     # A site reads only the folder its node config names, split with its own seed; a partition of the scenario's
     # data exists only inside a Ray simulation.
     data = simulated_data(cfg, nc) if is_simulated(nc) else site_data(nc, policy.split_seed)

@@ -10,7 +10,8 @@ Validation uses the decoding used at inference on held-out shadow *domains* (ski
 when given, fresh fine-tuning runs on its training domains (``fedgt.provider.same_val``: the paper's same-distribution
 setting); the functional criterion is the mean of the two. The best checkpoint by the chosen criterion is
 kept, training stops early after ``patience`` epochs without improvement, and a killed run resumes from
-``train_state.pt``.
+``train_state.pt``. ``coverage.safetensors`` (``fedgt.provider.coverage``) records where the GT is trustworthy: its
+training domains' final TinyLM updates in its normalised input space, and their spread.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from fedgt.core.batching import Encoded
 from fedgt.core.examples import Example
 from fedgt.core.judge import LLMJudge
+from fedgt.provider.coverage import Coverage
 from fedgt.provider.grad_transformer import GTConfig, build_gt, num_parameters, predict, save_gt
 from fedgt.provider.same_val import SameDomainVal
 from fedgt.provider.shadow import ShadowPairs
@@ -140,6 +142,8 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
     torch.manual_seed(cfg.seed)
     model = build_gt(gt_cfg)
     _fit_norms(model, train)
+    coverage = Coverage.fit(model.src_norm.mean, model.src_norm.std, train.final().tiny)
+    coverage.save(out)  # where the GT is trustworthy: its training domains' final TinyLM updates
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train.tiny) // cfg.batch_size)
@@ -160,7 +164,9 @@ def train_gt(pairs: ShadowPairs, gt_cfg: GTConfig, cfg: TrainConfig, judge: LLMJ
     record = {"config": asdict(cfg), "gt": asdict(gt_cfg), "train_domains": len(train.names),
               "val_domains": len(val.names), "same_val_domains": len(same_val.names) if same_val else 0,
               "train_pairs": len(train.tiny), "history": [], "best_epoch": -1,
-              "best_val": float("inf"), "seconds": 0.0, "parameters": num_parameters(model), "device": str(device)}
+              "best_val": float("inf"), "seconds": 0.0, "parameters": num_parameters(model), "device": str(device),
+              "coverage": {"reference": coverage.reference, "quantile": coverage.quantile,
+                           "rows": len(coverage.keys)}}
     start_epoch, bad_epochs = 0, 0
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)

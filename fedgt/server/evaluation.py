@@ -16,11 +16,11 @@ from fedgt.core.data import DomainData
 from fedgt.core.examples import Example
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.judge import LLMJudge
-from fedgt.core.lora import LoraSettings, merge_into_base
+from fedgt.core.lora import LoraSettings
 from fedgt.core.metrics import pooled_ratio
 from fedgt.core.updates import flatten
 from fedgt.provider.shadow import LoraTuner
-from fedgt.server.global_adapter import GlobalAdapter
+from fedgt.server.global_adapter import GlobalAdapter, dense_change
 
 
 class LLMEvaluator:
@@ -34,9 +34,29 @@ class LLMEvaluator:
         self.org_names = [o.name for o in orgs]
         self.org_tests = [list(o.test[:test_examples]) for o in orgs]
         self.public = list(public)
-        self.folded = 0
         self.base_scores: list[dict] | None = None
         self.ceiling: list[dict] | None = None
+
+    def _load(self, adapter: GlobalAdapter, dense: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Put the LLM's change from its base into the judge; the adapter's current factors as update tokens.
+
+        ``dense`` (weights space): the LLM is base + these dense changes, and the adapter's factors are unused.
+        Otherwise the rounds folded into the adapter's base are set as dense changes (reset every call, so a
+        candidate round scored and then rolled back leaves no trace).
+        """
+        if dense is None:
+            folded = [dense_change(piece, adapter.spec, self.lora.scaling) for piece in adapter.merged]
+            dense = {m: sum(c[m] for c in folded) for m in folded[0]} if folded else {}
+            delta = {k: adapter.current[k] - self.judge.init[k].cpu() for k in adapter.spec.keys}
+        else:
+            delta = {k: torch.zeros_like(v) for k, v in adapter.init.items()}
+        self.judge.set_dense(dense)
+        return flatten(delta, adapter.spec)
+
+    @torch.no_grad()
+    def public_loss(self, adapter: GlobalAdapter, dense: dict[str, torch.Tensor] | None = None) -> float:
+        """The LLM's loss on the public validation text (the round acceptance criterion)."""
+        return self.judge.score(self._load(adapter, dense).unsqueeze(0), [self.public])[0]["loss"]
 
     @torch.no_grad()
     def __call__(self, adapter: GlobalAdapter, dense: dict[str, torch.Tensor] | None = None) -> dict:
@@ -44,16 +64,8 @@ class LLMEvaluator:
 
         ``dense`` (weights space): the LLM is base + these dense changes, and the adapter's factors are unused.
         """
-        if dense is not None:
-            self.judge.set_dense(dense)
-            delta = {k: torch.zeros_like(v) for k, v in adapter.init.items()}
-        else:
-            for piece in adapter.merged[self.folded:]:
-                merge_into_base(self.judge.model, piece, self.lora.scaling)
-                self.folded += 1
-            delta = {k: adapter.current[k] - self.judge.init[k].cpu() for k in adapter.spec.keys}
         sets = [*self.org_tests, self.public]
-        tokens = flatten(delta, adapter.spec).unsqueeze(0).expand(len(sets), -1, -1)
+        tokens = self._load(adapter, dense).unsqueeze(0).expand(len(sets), -1, -1)
         scores = self.judge.score(tokens, sets)
         orgs, public = scores[:-1], scores[-1]
         if self.base_scores is None:
@@ -96,9 +108,8 @@ class LLMEvaluator:
         return out
 
     def compute_ceiling(self, orgs: Sequence[DomainData], finetune_cfg: FinetuneConfig) -> list[dict]:
-        """The LLM fine-tuned directly on each organization's train split, scored on its test split (call first)."""
-        if self.folded:
-            raise RuntimeError("compute_ceiling must run before any round is folded into the LLM")
+        """The LLM fine-tuned directly on each organization's train split, scored on its test split."""
+        self.judge.set_dense({})  # the untouched base LLM
         tuner = LoraTuner(self.llm_model, self.lora)
         tokens = torch.stack([tuner.tokens(tuner.run(list(o.train), finetune_cfg).update) for o in orgs])
         self.ceiling = self.judge.score(tokens, self.org_tests)

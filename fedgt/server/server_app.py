@@ -1,12 +1,13 @@
 """Flower ServerApp: load the Grad-Transformer and the base models, run the rounds, evaluate and save the LLM.
 
 Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-run<id>``): ``metrics.jsonl``
-(one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why),
-``metrics.png``, ``results.md`` (the table the demo prints), ``checkpoints/round-N.pt`` and the final LLM as a
-peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
-``output.merged``). Each organization's own LLM (transform-then-aggregate) is saved next to it:
-``org_adapters/<node>/own`` (the GT's image of its last update alone) and ``org_adapters/<node>/on_shared`` (on
-top of the shared LLM), for multi-LoRA serving; both are post-processing of what the organization released.
+(one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why, each
+update's coverage score and whether the round was accepted), ``metrics.png``, ``results.md`` (the table the demo
+prints), ``checkpoints/round-N.pt`` and the final LLM as a peft adapter in ``llm_adapter/``
+(``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with ``output.merged``). Each organization's own
+LLM (transform-then-aggregate) is saved next to it: ``org_adapters/<node>/own`` (the GT's image of its last update
+alone) and ``org_adapters/<node>/on_shared`` (on top of the shared LLM), for multi-LoRA serving; both are
+post-processing of what the organization released.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def main(grid: Grid, context: Context) -> None:
     tiny_spec, tiny_init = _model_state(tiny_name, lora)
     llm_spec, llm_init = _model_state(llm_name, lora)
     translator.check_specs(tiny_spec, llm_spec)
+    if translator.coverage is None:
+        log.warning("Grad-Transformer %s holds no curated TinyLM updates: coverage unknown, every update is applied",
+                    gt_dir)
 
     # Evaluation: organizations' test splits exist on the server only in simulation.
     n_orgs = cfg.federation.num_organizations
@@ -171,7 +175,9 @@ def main(grid: Grid, context: Context) -> None:
         rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
         max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
         max_num_examples=float(s.max_num_examples), merge_scale=s.merge_scale, density=s.density,
-        distill=consolidator(cfg, gt_dir, llm_name, translator.device),
+        distill=consolidator(cfg, gt_dir, llm_name, translator.device), coverage=translator.coverage,
+        out_of_coverage=s.out_of_coverage, coverage_threshold=s.coverage_threshold,
+        public_loss=evaluator.public_loss if s.accept_rounds else None, accept_tolerance=s.accept_tolerance,
         fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
         min_train_nodes=max(1, int(n_orgs * s.fraction_train)), tiny_identity=identity)
     wait_for_organizations(grid, cfg)

@@ -2,7 +2,8 @@
 
 Loads a GT directory written by ``fedgt provide`` / ``fedgt train-gt`` (``provider.json`` says which models
 and LoRA settings it was trained for and which public probe prompts it reads updates through), runs on CUDA
-when present (``gt.device = auto``) and on CPU otherwise.
+when present (``gt.device = auto``) and on CPU otherwise. ``coverage`` scores how far each TinyLM update lies from
+the curated ones the GT was trained on (``fedgt.provider.coverage``; None when the GT directory cannot tell).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
 from fedgt.core.updates import UpdateSpec
+from fedgt.provider.coverage import Coverage, load_coverage
 
 
 def read_provider(gt_dir: Path) -> dict:
@@ -46,6 +48,9 @@ class Translator:
         self.meta = read_provider(gt_dir)
         self.device = best_device() if device == "auto" else torch.device(device)
         self.model, _ = load_gt(Path(gt_dir), self.device)
+        # Where the GT is trustworthy (fedgt.provider.coverage); None: unknown (a GT dir with no curated updates).
+        self.coverage: Coverage | None = load_coverage(Path(gt_dir), self.model.src_norm.mean,
+                                                       self.model.src_norm.std)
         self.lora = lora_from_json(self.meta["lora"])
         self.prompts: list[str] = list(self.meta.get("probe_prompts", []))
         # provider.json names the TinyLM (a preset name or a folder's basename, no path of the provider's machine):
