@@ -95,7 +95,8 @@ def test_gpt2_tinylm_updates_a_llama_llm_through_provider_and_federation(cross_p
                  "model.llm": llm_dir, "train.steps": 4, "train.batch-size": 4, "train.lr": 0.01,
                  "train.max-length": 48, "data.n-train": 16, "data.n-test": 8, "eval.ceiling": False,
                  "eval.test-examples": 8, "eval.public-examples": 8, "distill.prompts-per-teacher": 8,
-                 "distill.steps": 4, "distill.batch-size": 8, "output.dir": str(out)}
+                 "distill.steps": 4, "distill.batch-size": 8, "output.dir": str(out),
+                 "strategy.out-of-coverage": "apply"}  # the pipeline under test, not the guard: keep every update
     cfg = from_run_config({**pyproject_run_config(ROOT / "pyproject.toml"), **overrides})
     # A small provider: 6 shadow domains, 2 GT epochs; no probe prompts (probe features need grouped LoRA, which
     # does not hook GPT-2's Conv1D).
