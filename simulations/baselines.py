@@ -65,12 +65,14 @@ class RidgeMap:
         self.tgt_mean, self.tgt_std = _stats(pairs.llm)
         x = _zscore(pairs.tiny, self.src_mean, self.src_std).double()
         y = _zscore(pairs.llm, self.tgt_mean, self.tgt_std).double()
-        gram = x.T @ x + alpha * torch.eye(x.shape[1], dtype=x.dtype)
-        self.weight = torch.linalg.solve(gram, x.T @ y).float()  # (D_src, D_tgt); targets are centred: no bias
+        # The dual form, W = X^T (X X^T + alpha I)^-1 Y, is the same map; it never builds the (D_src, D_tgt) weight,
+        # which for a real pair (23K -> 115K update entries) would not fit in memory. Targets are centred: no bias.
+        self.x = x.float()
+        self.coef = torch.linalg.solve(x @ x.T + alpha * torch.eye(len(x), dtype=x.dtype), y).float()  # (n, D_tgt)
         self.alpha = alpha
 
     def predict(self, tiny: torch.Tensor) -> torch.Tensor:
-        z = _zscore(tiny, self.src_mean, self.src_std) @ self.weight
+        z = (_zscore(tiny, self.src_mean, self.src_std) @ self.x.T) @ self.coef
         return z.view(len(tiny), *self.tgt_mean.shape) * self.tgt_std + self.tgt_mean
 
 

@@ -27,6 +27,7 @@ import torch
 
 from fedgt.core.data import DomainData, load_user_domains, task_domain_data
 from fedgt.core.dp import DPConfig
+from fedgt.core.examples import prompt_of
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.judge import LLMJudge
 from fedgt.core.lora import LoraSettings
@@ -36,8 +37,9 @@ from fedgt.core.models import PAIRS, cache_dir
 from fedgt.core.splits import make_domain_splits
 from fedgt.core.world import make_world
 from fedgt.provider.grad_transformer import best_device, load_gt, predict
-from fedgt.provider.pretrain import prepare_preset
+from fedgt.provider.pretrain import prepare_model
 from fedgt.provider.probes import probe_features, probe_prompts
+from fedgt.provider.provision import snapshot_steps
 from fedgt.provider.public_data import shadow_domains
 from fedgt.provider.same_val import SameDomainVal, pick_domains, same_domain_val
 from fedgt.provider.shadow import CurationConfig, curate, load_pairs
@@ -66,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=128)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (organizations and curation)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (both models)")
+    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch (organizations and curation)")
+    p.add_argument("--max-length", type=int, default=96, help="fine-tuning tokens per example")
+    p.add_argument("--examples-per-pair", type=int, default=4, help="GT functional loss: shadow examples per pair")
+    p.add_argument("--curation-dir", type=Path, default=None,
+                   help="curate into (or reuse) this folder, e.g. a provider's shadow/ with the same settings")
     p.add_argument("--gt-epochs", type=int, default=None)
     p.add_argument("--same-val-domains", type=int, default=16,
                    help="training domains re-tuned on other public examples to validate the GT (0: none)")
@@ -132,16 +139,18 @@ def main(argv=None) -> dict:
     t_start = time.time()
     torch.manual_seed(args.seed)
     tiny_name, llm_name = PAIRS[args.pair]
-    tiny_path, llm_path = (str(prepare_preset(n)) for n in (tiny_name, llm_name))
+    tiny_path, llm_path = (str(prepare_model(n)) for n in (tiny_name, llm_name))
     lora = LoraSettings()  # the paper's raw factors: LoRA-FA fine-tunes the LLM much worse here (docs/premise.md)
-    snaps = tuple(range(args.steps - 40, args.steps + 1, 10)) if args.steps > 40 else (args.steps // 2, args.steps)
-    ft = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=16, snapshot_steps=snaps, seed=args.seed)
+    snaps = snapshot_steps(args.steps)
+    ft = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                        snapshot_steps=snaps, seed=args.seed)
     timings: dict[str, float] = {}
 
     # --- provider: curation -----------------------------------------------------------------------------------
-    shadow = shadow_domains(128, args.shadow_domains, args.seed, args.shadow_data, builtin=not args.no_builtin_shadow)
+    shadow = shadow_domains(128, args.shadow_domains, args.seed, args.shadow_data, builtin=not args.no_builtin_shadow,
+                            tiny_model=tiny_name)
     ccfg = CurationConfig(tiny_model=tiny_path, llm_model=llm_path, lora=lora, finetune=ft, n_examples=128)
-    cur_dir = cache_dir() / "shadow" / f"{args.pair}-{_hash(ccfg.to_json())}"
+    cur_dir = args.curation_dir or cache_dir() / "shadow" / f"{args.pair}-{_hash(ccfg.to_json())}"
     print(f"curating {len(shadow)} shadow domains into {cur_dir}", flush=True)
     t0 = time.time()
     manifest = curate([(d.name, list(d.train)) for d in shadow], ccfg, cur_dir, workers=args.workers)
@@ -163,7 +172,8 @@ def main(argv=None) -> dict:
     timings["probe_features_s"] = time.time() - t0
     small = dict(d_model=128, n_heads=4, ffn=256) if args.quick else {}
     probe = dict(probe_tokens=len(prompts), probe_dim=pairs.probes.shape[-1]) if prompts else {}
-    train_cfg = TrainConfig(epochs=args.gt_epochs, seed=args.seed, split_seed=args.seed)
+    train_cfg = TrainConfig(epochs=args.gt_epochs, seed=args.seed, split_seed=args.seed,
+                            examples_per_pair=args.examples_per_pair)
     # --- baselines on the same pairs, hyper-parameters chosen on the same validation domains ---------------------
     val_sets = [val_examples[n][:32] for n in sorted(val_names)]
     crit = lambda pred: functional_val_loss(judge, pred, val_sets)  # noqa: E731
@@ -241,7 +251,7 @@ def main(argv=None) -> dict:
     # --- organizations -------------------------------------------------------------------------------------------
     settings = private_domains(args, train_names)
     rng = random.Random(f"kd-{args.seed}")
-    kd_prompts = tuple(ex.context for ex in rng.sample([ex for d in shadow for ex in d.train], 256))
+    kd_prompts = tuple(prompt_of(ex) for ex in rng.sample([ex for d in shadow for ex in d.train], 256))
     ocfg = OrgConfig(tiny_model=tiny_path, llm_model=llm_path, lora=lora, finetune=replace(ft, snapshot_steps=()),
                      kd_prompts=kd_prompts, dp_sgd_epsilons=tuple(args.dp_epsilons),
                      update_dp_epsilons=tuple(args.update_dp_epsilons))

@@ -177,7 +177,7 @@ def load_tuner(spec: str, lora: LoraSettings, device: torch.device) -> LoraTuner
 def curate_shadow(tiny: LoraTuner, llm: LoraTuner, cfg: PipelineConfig, ccfg: CurationConfig,
                   device: torch.device) -> tuple[ShadowPairs, dict, list[float]]:
     """Curate every shadow domain in process; the pairs, each domain's examples, and per-domain seconds."""
-    shadow = shadow_domains(cfg.n_examples, cfg.domains, cfg.seed)
+    shadow = shadow_domains(cfg.n_examples, cfg.domains, cfg.seed, tiny_model=cfg.tiny)
     tiny_t, llm_t, domain, step, seconds = [], [], [], [], []
     for i, d in enumerate(shadow):
         sync(device)

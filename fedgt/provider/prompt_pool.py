@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedgt.core.data import DomainData
+from fedgt.core.examples import prompt_of
 from fedgt.provider.shadow import ShadowPairs, load_pairs
 
 POOL_JSON, POOL_TENSORS = "prompt_pool.json", "prompt_pool.safetensors"
@@ -89,11 +90,11 @@ class PromptPool:
 
 
 def save_prompt_pool(gt_dir: Path, pairs: ShadowPairs, shadow: Sequence[DomainData]) -> PromptPool:
-    """The pool of a curation (final-step TinyLM updates, each domain's public task prompts), saved in ``gt_dir``."""
+    """The pool of a curation (final-step TinyLM updates, each domain's public prompts), saved in ``gt_dir``."""
     final = pairs.final()
     order = torch.argsort(final.domain)
     by_name = {d.name: d for d in shadow}
-    pool = PromptPool(final.names, [[ex.context for ex in by_name[n].train if ex.is_task] for n in final.names],
+    pool = PromptPool(final.names, [[prompt_of(ex) for ex in by_name[n].train] for n in final.names],
                       final.tiny[order])
     pool.save(gt_dir)
     return pool

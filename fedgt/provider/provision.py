@@ -40,6 +40,7 @@ class ProviderConfig:
     n_examples: int = 128
     probes: int = 32
     epochs: int = 12
+    examples_per_pair: int = 4  # GT functional loss: shadow examples per pair per step (train_gt.TrainConfig)
     same_val_domains: int = 16  # training domains re-tuned on other examples to validate the GT (same_val)
     d_model: int = 256
     anchor_k: int = 0  # > 0: the GT is residual on the k nearest shadow updates (grad_transformer.GTConfig)
@@ -52,6 +53,8 @@ class ProviderConfig:
         d.pop("workers")
         if not d["anchor_k"]:
             d.pop("anchor_k")
+        if d["examples_per_pair"] == 4:
+            d.pop("examples_per_pair")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -61,9 +64,14 @@ def provider_config_for(cfg: FedConfig) -> ProviderConfig:
     d = cfg.dp
     tiny_dp = DPConfig(mode="dp-sgd", epsilon=d.epsilon, delta=d.delta, max_grad_norm=d.max_grad_norm) \
         if d.mode == "dp-sgd" else DPConfig()
+    from fedgt.provider.public_data import builtin_shadow_source
+
+    # Probe features are (positions x vocabulary) wide per prompt: cheap for the presets' character vocabulary,
+    # 4.7M numbers per update for a 49k-token one. Real models are read through their weights only.
+    probes = ProviderConfig.probes if builtin_shadow_source(tiny) == "tasks" else 0
     return ProviderConfig(tiny=tiny, llm=llm, lora=cfg.lora_settings(), finetune=cfg.finetune_config(),
                           tiny_dp=tiny_dp, shadow_domains=cfg.gt.shadow_domains, epochs=cfg.gt.epochs,
-                          anchor_k=cfg.gt.anchor_k)
+                          anchor_k=cfg.gt.anchor_k, probes=probes)
 
 
 def snapshot_steps(steps: int) -> tuple[int, ...]:
@@ -72,11 +80,11 @@ def snapshot_steps(steps: int) -> tuple[int, ...]:
 
 
 def resolve_model(spec: str) -> str:
-    """A preset name prepared on demand (cached), or a local model directory as given."""
-    from fedgt.core.models import PRESETS
-    from fedgt.provider.pretrain import prepare_preset
+    """A preset or derived model name prepared on demand (cached), or a local model directory as given."""
+    from fedgt.core.models import preparable
+    from fedgt.provider.pretrain import prepare_model
 
-    return str(prepare_preset(spec)) if spec in PRESETS else spec
+    return str(prepare_model(spec)) if preparable(spec) else spec
 
 
 def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
@@ -97,7 +105,7 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
         return gt_dir
     log = print if progress else (lambda *a, **k: None)
     tiny, llm = resolve_model(cfg.tiny), resolve_model(cfg.llm)
-    shadow = shadow_domains(cfg.n_examples, cfg.shadow_domains, cfg.seed)
+    shadow = shadow_domains(cfg.n_examples, cfg.shadow_domains, cfg.seed, tiny_model=cfg.tiny)
     ft = replace(cfg.finetune, snapshot_steps=snapshot_steps(cfg.finetune.steps))
     ccfg = CurationConfig(tiny_model=tiny, llm_model=llm, lora=cfg.lora, finetune=ft, n_examples=cfg.n_examples,
                           tiny_dp=cfg.tiny_dp)
@@ -107,7 +115,7 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
     device = best_device()
     judge = LLMJudge(llm, cfg.lora, device=device)
     prompts = probe_prompts(shadow, cfg.probes, cfg.seed) if cfg.probes else []
-    tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed)
+    tcfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, examples_per_pair=cfg.examples_per_pair)
     test_examples = {d.name: list(d.test) for d in shadow}
     same_val = None
     if cfg.same_val_domains:
@@ -135,9 +143,9 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
 
 def model_name(spec: str) -> str:
     """What provider.json calls a model: the preset name, or a local directory's basename (never a full path)."""
-    from fedgt.core.models import PRESETS
+    from fedgt.core.models import preparable
 
-    return spec if spec in PRESETS else Path(spec).name
+    return spec if preparable(spec) else Path(spec).name
 
 
 def model_manifest(spec: str, model_dir: str | Path, lora: LoraSettings) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
-from fedgt.core.models import PAIRS, PRESETS
+from fedgt.core.models import DERIVED, PAIRS, PRESETS
 from fedgt.run.args import (
     add_data_args,
     add_finetune_args,
@@ -25,17 +25,17 @@ from fedgt.run.args import (
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from fedgt.provider.pretrain import prepare_preset
+    from fedgt.provider.pretrain import prepare_model
 
     names = args.models.split(",") if args.models else list(PAIRS[args.pair])
     torch.set_num_threads(args.threads)
     for name in names:
         t0 = time.time()
-        out = prepare_preset(name, seed=args.seed, force=args.force or args.rebuild)
+        out = prepare_model(name, seed=args.seed, force=args.force or args.rebuild)
         meta = json.loads((out / "fedgt_prepared.json").read_text())
         print(f"{name}: {out}  ({meta['parameters']['non_embedding']:,} non-embedding params, "
-              f"pretrained in {meta['pretrain_seconds']:.0f} s; this call {time.time() - t0:.0f} s)")
-        if args.rebuild or args.ship:
+              f"built in {meta['pretrain_seconds']:.0f} s; this call {time.time() - t0:.0f} s)")
+        if (args.rebuild or args.ship) and name not in DERIVED:
             from fedgt.provider.shipped import ARTIFACTS, ship
 
             recipe = {k: meta[k] for k in ("preset", "data", "seed")}
@@ -176,12 +176,12 @@ def _curation_config(args: argparse.Namespace):
 
 
 def _resolve_model(spec: str) -> str:
-    """A preset name becomes its prepared directory (so stored configs name the exact model)."""
-    from fedgt.core.models import PRESETS, find_prepared
-    from fedgt.provider.pretrain import prepare_preset
+    """A preset or derived model name becomes its prepared directory (so stored configs name the exact model)."""
+    from fedgt.core.models import find_prepared, preparable
+    from fedgt.provider.pretrain import prepare_model
 
-    if spec in PRESETS:
-        return str(find_prepared(spec) or prepare_preset(spec))
+    if preparable(spec):
+        return str(find_prepared(spec) or prepare_model(spec))
     return spec
 
 
@@ -192,7 +192,7 @@ def cmd_curate(args: argparse.Namespace) -> None:
     args.tiny, args.llm = _resolve_model(args.tiny), _resolve_model(args.llm)
     cfg = _curation_config(args)
     domains = shadow_domains(args.n_examples, args.domains, args.seed, args.shadow_data,
-                             builtin=not args.no_builtin_shadow)
+                             builtin=not args.no_builtin_shadow, tiny_model=args.tiny)
     manifest = curate([(d.name, list(d.train)) for d in domains], cfg, args.out, workers=args.workers)
     pairs = load_pairs(args.out)
     print(f"{len(pairs.names)} domains, {len(pairs.tiny)} pairs in {args.out}; "
@@ -219,7 +219,7 @@ def cmd_train_gt(args: argparse.Namespace) -> None:
     needs_llm = tcfg.objective != "mse" or tcfg.select_on == "functional"
     judge = LLMJudge(cfg["llm_model"], lora, device=device) if needs_llm else None
     domains = {d.name: d for d in shadow_domains(cfg["n_examples"], None, cfg["finetune"]["seed"], args.shadow_data,
-                                                 builtin=not args.no_builtin_shadow)}
+                                                 builtin=not args.no_builtin_shadow, tiny_model=cfg["tiny_model"])}
     missing = [n for n in pairs.names if n not in domains]
     if missing:
         raise ValueError(f"curated domains {missing[:3]} are not in the shadow data given here (same --shadow-data?)")
@@ -261,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="build the tokenizer and pretrain the model pair (cached)")
+    p = sub.add_parser("prepare", help="build the model pair: pretrain a preset pair, or convert SmolLM2 and derive "
+                                       "its TinyLM (cached)")
     p.add_argument("--pair", choices=sorted(PAIRS), default="default")
-    p.add_argument("--models", help=f"comma-separated presets instead of a pair: {sorted(PRESETS)}")
+    p.add_argument("--models", help=f"comma-separated models instead of a pair: {sorted(PRESETS) + list(DERIVED)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     p.add_argument("--force", action="store_true", help="pretrain again even if cached")
