@@ -69,7 +69,7 @@ class Consolidator:
         self.student = LoraTuner(llm_model, lora)
         self.student.model.to(device)
         tok = self.teacher.tokenizer
-        (self.end_id,) = tok(END_OF_ANSWER, add_special_tokens=False).input_ids
+        self.end_id = tok(END_OF_ANSWER, add_special_tokens=False).input_ids[-1]  # the newline's own token
         self.last_stats: dict[str, float] = {}
         self.previous: torch.Tensor | None = None  # the last joint update (layer tokens), for warm starts
 
@@ -84,17 +84,19 @@ class Consolidator:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         encoded = [bos + ids for ids in tok([p for _, p in flat], add_special_tokens=False).input_ids]
         factors = self.teacher.factors(teachers)
+        # GPT-2-style tokenizers have no pad token: pad with eos (masked out either way).
+        pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
         out = []
         for start in range(0, len(flat), batch_rows):
             rows = encoded[start:start + batch_rows]
             width = max(len(r) for r in rows)
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=dev)  # left pad
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)  # left pad
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
             groups = torch.tensor([g for g, _ in flat[start:start + batch_rows]], device=dev)
             with grouped_lora(model, factors, groups):
                 gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                      max_new_tokens=self.cfg.max_answer_tokens, eos_token_id=self.end_id,
-                                     pad_token_id=tok.pad_token_id)
+                                     pad_token_id=pad)
             for (_, prompt), new in zip(flat[start:start + batch_rows], gen[:, width:].tolist(), strict=True):
                 if self.end_id in new:  # an answer that never ended is dropped
                     answer = tok.decode(new[:new.index(self.end_id)])
