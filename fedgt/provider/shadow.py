@@ -4,9 +4,10 @@ For each public shadow domain both models are fine-tuned from the same seeded Lo
 examples in the same order; the updates at the late snapshot steps are paired by step (the paper's
 step-offset pairing), so one domain yields ``len(snapshot_steps)`` pairs. Results are appended as
 safetensors shards listed in ``manifest.json``: a killed run resumes where it stopped, and a finished
-domain is never computed twice. Domains run in worker processes (one torch thread each), ``group_domains`` at a
-time: their adapters train together in one forward/backward per step (``fedgt.core.grouped_finetune``; same
-results as one at a time, up to float summation order), except under DP-SGD or with Conv1D targets.
+domain is never computed twice. Domains run in worker processes (one torch thread each), one at a time by default;
+``group_domains > 1`` trains that many adapters together in one forward/backward per step
+(``fedgt.core.grouped_finetune``; same results up to float summation order; not under DP-SGD or with Conv1D
+targets). On 2 CPU cores grouping measured slower, not faster (``docs/results/performance.md``), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def _flush(out: Path, manifest: dict, results: list) -> None:
 
 def curate(domains: Sequence[tuple[str, list[Example]]], cfg: CurationConfig, out: Path, workers: int = 2,
            shard_domains: int = 16, progress: bool = True, reuse_llm: ShadowPairs | None = None,
-           group_domains: int = 8) -> dict:
+           group_domains: int = 1) -> dict:
     """Curate every (name, examples) domain not yet in ``out``; returns the manifest.
 
     ``group_domains``: domains a worker trains together per forward/backward (1: one at a time).
