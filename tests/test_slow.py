@@ -27,7 +27,7 @@ def smollm2_pair(fedgt_cache):
     done = subprocess.run([str(fedgt), "prepare", "--pair", "smollm2"], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     dirs = {p.name.rsplit("-", 1)[0]: p for p in (fedgt_cache / "models").iterdir()}
-    assert set(dirs) == {"smollm2", "smollm2-tiny"}
+    assert {"smollm2", "smollm2-tiny"} <= set(dirs)  # other slow tests may have prepared the toy pair here
     assert "distill smollm2-tiny" in done.stderr  # the progress bar
     t0 = time.time()
     again = subprocess.run([str(fedgt), "prepare", "--pair", "smollm2"], capture_output=True, text=True, timeout=300)
