@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedgt.core.grouped_lora import grouped_lora
+from fedgt.core.grouped_lora import _equal_blocks, grouped_lora
 from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
 
 
@@ -18,13 +18,14 @@ def _model(freeze_a: bool):
 
 
 @pytest.mark.parametrize("freeze_a", [False, True])
-def test_grouped_forward_equals_one_peft_forward_per_adapter(freeze_a: bool) -> None:
+@pytest.mark.parametrize("order", [[2, 0, 1, 2, 0, 1], [0, 0, 1, 1, 2, 2]], ids=["mixed-rows", "equal-blocks"])
+def test_grouped_forward_equals_one_peft_forward_per_adapter(freeze_a: bool, order: list[int]) -> None:
     model = _model(freeze_a)
     init = lora_parameters(model)
     g = torch.Generator().manual_seed(1)
     adapters = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(3)]
-    ids = torch.randint(3, 40, (5, 7), generator=g)
-    groups = torch.tensor([2, 0, 1, 2, 0])
+    ids = torch.randint(3, 40, (6, 7), generator=g)
+    groups = torch.tensor(order)
     expected = []
     for row, grp in zip(ids, groups.tolist(), strict=True):
         set_lora_parameters(model, adapters[grp])
@@ -48,3 +49,10 @@ def test_unknown_factor_names_are_rejected() -> None:
     with pytest.raises(KeyError, match="not LoRA parameters"), grouped_lora(model, {"nope": torch.zeros(1)},
                                                                              torch.zeros(1, dtype=torch.long)):
         pass
+
+
+def test_equal_blocks_detects_contiguous_equal_groups_only() -> None:
+    assert _equal_blocks(torch.tensor([0, 0, 1, 1, 2, 2])) == 3
+    assert _equal_blocks(torch.tensor([0, 1, 1])) is None  # unequal
+    assert _equal_blocks(torch.tensor([1, 1, 0, 0])) is None  # out of order
+    assert _equal_blocks(torch.tensor([0, 0, 2, 2])) is None  # a missing group would misalign the factors
