@@ -8,6 +8,7 @@ import pytest
 
 from fedgt.core.run_config import (
     KEYS,
+    UPPER,
     ConfigError,
     FedConfig,
     from_run_config,
@@ -59,6 +60,31 @@ def test_a_bad_value_fails_naming_its_key(key: str, value, words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as err:
         from_run_config({**BASE, key: value})
     assert key in str(err.value)
+
+
+FLOAT_KEYS = sorted(k for k, (sec, name) in KEYS.items() if isinstance(getattr(getattr(FedConfig(), sec), name), float))
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_every_float_knob_rejects_non_finite_values(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match="finite") as err:
+        from_run_config({**BASE, key: value})
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("key", sorted(UPPER))
+def test_every_size_has_an_upper_bound_named_in_the_message(key: str) -> None:
+    bound = UPPER[key]
+    too_big = bound * 10 if isinstance(bound, float) else bound * 10 + 1
+    with pytest.raises(ConfigError, match="must be <=") as err:
+        from_run_config({**BASE, key: too_big})
+    assert key in str(err.value)
+
+
+def test_a_huge_max_length_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train\.max-length.*<= 131072"):
+        from_run_config({**BASE, "train.max-length": 1_000_000_000})
 
 
 def test_unknown_keys_and_incompatible_choices_are_refused(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,29 @@ def test_concurrent_runs_cannot_spend_the_same_budget_twice(tmp_path) -> None:
     with pytest.raises(BudgetExceeded, match="over the budget"):
         run_b.spend(mech, server_round=1)  # run b saw an empty ledger when it opened it
     assert len(json.loads(path.read_text())["rounds"]) == 1
+
+
+def _spend_many(path: str, n: int, tag: str) -> None:
+    ledger = PrivacyLedger(Path(path), budget=1e6, delta=1e-5)  # opened before the other writer spent anything
+    for i in range(n):
+        charge = ledger.spend if i % 2 else ledger.record
+        charge([(1.0, 1.0, 1)], server_round=i, note={"writer": tag})
+
+
+def test_two_processes_writing_one_ledger_lose_no_release(tmp_path) -> None:
+    # Two runs at one site charging rounds at the same time: every release they made is on disk.
+    path = tmp_path / "ledger.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_spend_many, args=(str(path), 15, tag)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    data = json.loads(path.read_text())
+    assert [r["writer"] for r in data["rounds"]].count("a") == 15
+    assert [r["writer"] for r in data["rounds"]].count("b") == 15
+    assert len(data["history"]) == 30
+    reread = PrivacyLedger(path, budget=1e6, delta=1e-5)
+    assert reread.spent() == pytest.approx(rdp_epsilon([(1.0, 1.0, 1)] * 30, 1e-5))
+    assert not list(tmp_path.glob("*.tmp"))  # no temp file left behind

@@ -241,11 +241,27 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
     elif kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"run config '{key}': must be a finite number, got {value!r}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"run config '{key}': expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+# Upper bounds on sizes, times and rates: a value past these is a typo (1e9 tokens per example), not a setting.
+UPPER = {
+    "federation.num-organizations": 100_000, "federation.wait-s": 7 * 86_400.0, "num-server-rounds": 100_000,
+    "lora.r": 1024, "lora.alpha": 65_536, "train.steps": 1_000_000, "train.lr": 1.0, "train.batch-size": 65_536,
+    "train.max-length": 131_072, "dp.epsilon": 1e4, "dp.max-grad-norm": 1e6, "dp.update-clip": 1e6,
+    "sim-sites.max-epsilon": 1e4, "sim-sites.budget": 1e6, "gt.shadow-domains": 1_000_000, "gt.epochs": 100_000,
+    "gt.batch-size": 65_536, "strategy.norm-bound": 1e6, "strategy.server-lr": 100.0,
+    "strategy.max-update-norm": 1e9, "strategy.max-num-examples": 1_000_000_000, "strategy.central-dp-clip": 1e6,
+    "strategy.central-dp-noise-multiplier": 1e6, "strategy.merge-scale": 100.0, "strategy.coverage-threshold": 1e6,
+    "data.n-train": 10_000_000, "data.n-test": 10_000_000, "data.alpha": 1e6, "eval.test-examples": 1_000_000,
+    "eval.public-examples": 1_000_000,
+}
 
 
 def _check(cfg: FedConfig, check_paths: bool = True) -> None:
@@ -330,6 +346,9 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(not check_paths or not da.path or Path(da.path).is_dir(), "data.path", "is not a directory")
     need(e.test_examples >= 1, "eval.test-examples", "must be >= 1")
     need(e.public_examples >= 1, "eval.public-examples", "must be >= 1")
+    for key, hi in UPPER.items():
+        section, name = KEYS[key]
+        need(getattr(getattr(cfg, section), name) <= hi, key, f"must be <= {hi:g}")
 
 
 def from_run_config(run_config: Mapping[str, Any], check_paths: bool = True) -> FedConfig:

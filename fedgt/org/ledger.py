@@ -92,7 +92,7 @@ class PrivacyLedger:
         """
         with self._locked():
             self.check(mechanisms)
-            return self.record(mechanisms, server_round, note)
+            return self._append(mechanisms, server_round, note)
 
     def spent(self) -> float:
         """ε spent so far."""
@@ -111,14 +111,35 @@ class PrivacyLedger:
         return after
 
     def record(self, mechanisms: list[Mechanism], server_round: int, note: dict | None = None) -> float:
-        """Add one round's mechanisms, persist atomically, and return the total ε."""
+        """Add one round's mechanisms (no budget check), under the lock and durably; the total ε."""
+        with self._locked():
+            return self._append(mechanisms, server_round, note)
+
+    def _append(self, mechanisms: list[Mechanism], server_round: int, note: dict | None) -> float:
+        """Append to what was just re-read under the lock and write the file durably."""
         self.history += [tuple(m) for m in mechanisms]  # type: ignore[misc]
         total = self.spent()
         self.rounds.append({"round": server_round, "mechanisms": [list(m) for m in mechanisms],
                             "epsilon_total": total, **(note or {})})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"budget": self.budget, "delta": self.delta, "history": self.history,
-                                   "rounds": self.rounds}, indent=1))
-        os.replace(tmp, self.path)
+        write_durably(self.path, json.dumps({"budget": self.budget, "delta": self.delta, "history": self.history,
+                                             "rounds": self.rounds}, indent=1).encode())
         return total
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a torn one.
+
+    Temp file in the same folder, fsync, rename over ``path``, fsync the folder (so the rename itself survives).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
