@@ -269,6 +269,7 @@ def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales:
             translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init,
             llm_init=llm_init, lora=lora, mode=mode, aggregator=aggregator,
             trim_beta=cfg.strategy.trim_beta, norm_bound=cfg.strategy.norm_bound, rounds=scheme,
+            norm_bound_mode=cfg.strategy.norm_bound_mode, max_weight_ratio=cfg.strategy.max_weight_ratio,
             max_update_norm=cfg.strategy.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=space,
             merge_scale=scales["gt"][aggregator]["scale"] if aggregator in MERGES else 1.0,
             density=cfg.strategy.density, distill=consolidator() if aggregator == "distill" else None)

@@ -1,7 +1,8 @@
 """Streaming aggregators of update vectors: organizations' flattened updates arrive one at a time.
 
 No aggregator holds every organization's vector in RAM. The means keep a running float64 sum (one
-vector). The median and the trimmed mean need every row of each coordinate, so they keep the rows in
+vector). The median, the trimmed mean and the norm-bounded mean relative to the round's median norm need every
+row before they can reduce, so they keep the rows in
 a disk-backed ``numpy.memmap`` and reduce it a block of columns at a time: peak RAM is
 O(capacity * block) on top of the page cache, which the OS can evict.
 """
@@ -176,7 +177,11 @@ class CoordinateMedian(_RowStore):
 
 
 class TrimmedMean(_RowStore):
-    """Per-coordinate mean after dropping floor(beta * n) values from each end (FedTrimmedAvg)."""
+    """Per-coordinate mean after dropping floor(beta * n) values from each end (FedTrimmedAvg), at least one.
+
+    Flower's floor alone trims nothing below 1 / beta organizations (10 at the default 0.1), so one outlier among
+    five would pass untouched: with beta > 0 and n >= 3 at least one value is dropped from each end.
+    """
 
     def __init__(self, dim: int, capacity: int, beta: float, block: int = BLOCK_COLUMNS):
         if not 0.0 <= beta < 0.5:
@@ -186,21 +191,65 @@ class TrimmedMean(_RowStore):
 
     def _reduce(self, rows: np.ndarray) -> np.ndarray:
         n = rows.shape[0]
-        cut = int(self.beta * n)  # floor, as Flower's _trim_mean
+        cut = trim_count(self.beta, n)
         kept = np.sort(rows, axis=0)[cut : n - cut]  # (n - 2 cut, b)
         return kept.mean(axis=0, dtype=np.float64)
 
 
+def trim_count(beta: float, n: int) -> int:
+    """Values dropped from each end of n: floor(beta * n), but at least one when beta > 0 and n >= 3."""
+    cut = int(beta * n)  # floor, as Flower's _trim_mean
+    return max(cut, 1) if beta > 0 and n >= 3 else cut
+
+
+class RelativeNormBoundedMean(_RowStore):
+    """Weighted mean after scaling each vector down to L2 norm <= ``bound`` x the median norm of the round.
+
+    An absolute bound needs the units of the aggregated space (a TinyLM factor vector and an LLM weight change
+    differ by orders of magnitude); relative to the round's median norm it caps any one organization's pull at
+    ``bound`` honest-looking updates whatever the space, as long as most organizations are honest.
+    """
+
+    def __init__(self, dim: int, capacity: int, bound: float, block: int = BLOCK_COLUMNS):
+        if not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"norm bound must be finite and > 0, got {bound}")
+        super().__init__(dim, capacity, block)
+        self.bound = bound
+        self._norms: list[float] = []
+        self._weights: list[float] = []
+        self.clipped = 0  # how many vectors were scaled down (known after result())
+
+    def _accumulate(self, vector: torch.Tensor, weight: float) -> None:
+        super()._accumulate(vector, weight)
+        self._norms.append(float(vector.double().norm()))
+        self._weights.append(weight)
+
+    def _finish(self) -> torch.Tensor:
+        norms = np.array(self._norms)
+        limit = self.bound * float(np.median(norms))
+        scale = np.where(norms > limit, limit / np.maximum(norms, 1e-300), 1.0)
+        self.clipped = int((norms > limit).sum())
+        self._coef = scale * np.array(self._weights) / sum(self._weights)  # (n,)
+        return super()._finish()
+
+    def _reduce(self, rows: np.ndarray) -> np.ndarray:
+        return self._coef @ rows.astype(np.float64)
+
+
 def make_aggregator(name: str, dim: int, capacity: int, *, trim_beta: float = 0.1,
                     norm_bound: float = 1.0, merge_scale: float = 1.0, density: float = 0.5,
-                    seed: int = 0) -> Aggregator:
+                    seed: int = 0, norm_bound_mode: str = "relative") -> Aggregator:
     """Build the aggregator called ``name`` (one of ``AGGREGATORS``) for vectors of length ``dim``."""
     if name in ("task_arithmetic", "ties", "dare"):
         return _make_merge(name, dim, merge_scale, density, seed)
     if name == "mean":
         return WeightedMean(dim)
     if name == "norm_bounded_mean":
-        return NormBoundedMean(dim, norm_bound)
+        if norm_bound_mode == "absolute":
+            return NormBoundedMean(dim, norm_bound)
+        if norm_bound_mode != "relative":
+            raise ValueError(f"norm bound mode must be 'relative' or 'absolute', got {norm_bound_mode!r}")
+        return RelativeNormBoundedMean(dim, capacity, norm_bound)
     if name == "median":
         return CoordinateMedian(dim, capacity)
     if name == "trimmed_mean":

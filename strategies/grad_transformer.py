@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -119,7 +120,8 @@ class GradTransformerStrategy(FedAvg):
                  max_num_examples: float = math.inf, merge_scale: float = 1.0, density: float = 0.5,
                  distill: Distill | None = None, coverage: Coverage | None = None, out_of_coverage: str = "skip",
                  coverage_threshold: float = 1.0, public_loss: PublicLoss | None = None,
-                 accept_tolerance: float = 0.0, **fedavg_kwargs):
+                 accept_tolerance: float = 0.0, max_weight_ratio: float = math.inf,
+                 norm_bound_mode: str = "relative", **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if out_of_coverage not in OUT_OF_COVERAGE:
             raise ValueError(f"strategy.out-of-coverage must be one of {OUT_OF_COVERAGE}, got {out_of_coverage!r}")
@@ -164,6 +166,10 @@ class GradTransformerStrategy(FedAvg):
         if not max_num_examples >= 1:
             raise ValueError(f"strategy.max-num-examples must be >= 1, got {max_num_examples}")
         self.max_num_examples = max_num_examples  # a reply's weight is min(num-examples, this): bounded influence
+        if not max_weight_ratio >= 1:
+            raise ValueError(f"strategy.max-weight-ratio must be >= 1, got {max_weight_ratio}")
+        self.max_weight_ratio = max_weight_ratio  # ... and at most this times the round's median weight
+        self.norm_bound_mode = norm_bound_mode
         self.expected_participants: dict[int, float] = {}  # central DP: q * N per round, fixed before replies
         self._round = 0
         self.round_log: dict[int, dict] = {}
@@ -269,6 +275,7 @@ class GradTransformerStrategy(FedAvg):
         # retranslate: the GT reads each organization's whole adapter (round start + its update) relative to the
         # seeded init, and the LLM becomes the GT's image of that, not the sum of per-round images.
         offset = self._offset(self.tiny) if self.rounds in ("retranslate", "fresh") else None
+        accepted = self._cap_weights(accepted, entry)
         validated = accepted  # the sites' reported scores count even when coverage skips their update
         accepted, scale = self._cover(accepted, offset, entry)
         if not accepted and self.central_dp is None:  # under central DP an empty round is still noised + accounted
@@ -455,7 +462,7 @@ class GradTransformerStrategy(FedAvg):
         name = "mean" if tiny and self.aggregator in (*MERGE_METHODS, "distill") else self.aggregator
         agg = make_aggregator(name, first[0].numel(), capacity, trim_beta=self.trim_beta,
                               norm_bound=self.norm_bound, merge_scale=self.merge_scale, density=self.density,
-                              seed=self._round)
+                              seed=self._round, norm_bound_mode=self.norm_bound_mode)
         try:
             agg.add(first[0].float(), first[1])
             for v, w in vectors:
@@ -465,6 +472,19 @@ class GradTransformerStrategy(FedAvg):
             close = getattr(agg, "close", None)
             if close is not None:
                 close()
+
+    def _cap_weights(self, accepted: list[Contribution], entry: dict) -> list[Contribution]:
+        """Self-reported num-examples bounded to max-weight-ratio x the round's median (logged per node)."""
+        if len(accepted) < 2 or not math.isfinite(self.max_weight_ratio):
+            return accepted
+        weights = sorted(w for _, _, w, _ in accepted)
+        cap = self.max_weight_ratio * statistics.median(weights)
+        capped = {node: w for node, _, w, _ in accepted if w > cap}
+        if capped:
+            entry["weight-capped"] = {str(n): {"reported": w, "used": cap} for n, w in capped.items()}
+            log.warning("round %d: num-examples of nodes %s capped at %g (strategy.max-weight-ratio %g x the median)",
+                        self._round, sorted(capped), cap, self.max_weight_ratio)
+        return [(node, tokens, min(w, cap), metrics) for node, tokens, w, metrics in accepted]
 
     def _round_metrics(self, entry: dict, accepted: list, validated: list | None = None) -> dict[str, float]:
         """Counts of the round; the sites' reported scores averaged over every validated reply (``validated``)."""
@@ -489,10 +509,11 @@ class GradTransformerStrategy(FedAvg):
         total = sum(w for _, _, w, _ in accepted)
         for key in ("train-loss", "tiny-test-loss", "tiny-test-em"):
             vals = [(m[key], w) for _, _, w, m in (accepted if validated is None else validated)
-                    if isinstance(m.get(key), int | float)]
+                    if isinstance(m.get(key), int | float) and math.isfinite(m[key])]  # a NaN loss is not a score
             if vals:
                 out[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
-        eps = [m["dp-epsilon-total"] for _, _, _, m in accepted if "dp-epsilon-total" in m]
+        eps = [m["dp-epsilon-total"] for _, _, _, m in accepted
+               if isinstance(m.get("dp-epsilon-total"), int | float) and math.isfinite(m["dp-epsilon-total"])]
         if eps:
             out["dp-epsilon-total-max"] = max(eps)
         out["num-examples"] = total

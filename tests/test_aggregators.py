@@ -13,6 +13,7 @@ from strategies.aggregators import (
     AGGREGATORS,
     CoordinateMedian,
     NormBoundedMean,
+    RelativeNormBoundedMean,
     TrimmedMean,
     WeightedMean,
     make_aggregator,
@@ -60,6 +61,15 @@ def test_norm_bounded_mean_scales_only_vectors_over_the_bound():
     assert agg.count == 3
 
 
+def test_relative_norm_bound_caps_each_vector_at_a_multiple_of_the_median_norm():
+    # norms 1, 2, 100; median 2, bound 1.5 -> limit 3: only the third is scaled (to norm 3)
+    rows = [[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 60.0, 80.0]]
+    with RelativeNormBoundedMean(4, capacity=3, bound=1.5) as agg:
+        out = aggregate(agg, rows, [1.0, 1.0, 2.0])
+    torch.testing.assert_close(out, vec([1.0, 2.0, 3.6, 4.8]) / 4)
+    assert agg.clipped == 1
+
+
 def test_median_odd_count():
     with CoordinateMedian(4, capacity=3) as agg:
         # columns {1,3,0} {2,0,4} {3,-1,5} {4,2,-6}
@@ -88,9 +98,24 @@ def test_trimmed_mean_beta_02_on_5_rows():
         torch.testing.assert_close(aggregate(agg, ROWS), vec([2.0, 1.0, 2 / 3, 7 / 3]))
 
 
-def test_trimmed_mean_trims_nothing_when_beta_n_below_one():
-    with TrimmedMean(4, capacity=5, beta=0.1) as agg:  # floor(0.5) = 0: plain mean
+def test_trimmed_mean_trims_at_least_one_from_each_end_when_beta_n_is_below_one():
+    # Flower's floor(0.1 * 5) = 0 would be the plain mean: one outlier among five would pass untouched.
+    with TrimmedMean(4, capacity=5, beta=0.1) as agg:
+        expected = np.sort(np.array(ROWS), axis=0)[1:4].mean(0)
+        torch.testing.assert_close(aggregate(agg, ROWS), torch.tensor(expected, dtype=torch.float32))
+    with TrimmedMean(4, capacity=5, beta=0.1) as agg:  # two organizations: nothing to trim, the plain mean
+        torch.testing.assert_close(aggregate(agg, ROWS[:2]), torch.tensor(ROWS[:2]).mean(0))
+    with TrimmedMean(4, capacity=5, beta=0.0) as agg:  # beta 0 asks for the plain mean
         torch.testing.assert_close(aggregate(agg, ROWS), torch.tensor(ROWS).mean(0))
+
+
+def test_one_sign_flipped_scaled_update_among_five_is_trimmed_away():
+    g = torch.Generator().manual_seed(0)
+    honest = torch.randn(4, 32, generator=g) * 0.1 + 1.0
+    attack = -100 * honest.mean(0)
+    with TrimmedMean(32, capacity=5, beta=0.1) as agg:
+        out = aggregate(agg, [*honest.tolist(), attack.tolist()])
+    assert torch.nn.functional.cosine_similarity(out, honest.mean(0), dim=0) > 0.99
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 64])
@@ -158,12 +183,14 @@ def test_row_store_rejects_over_capacity(name):
 
 def test_make_aggregator_builds_each_kind():
     kinds = {"mean": WeightedMean, "median": CoordinateMedian, "trimmed_mean": TrimmedMean,
-             "norm_bounded_mean": NormBoundedMean, "task_arithmetic": TaskArithmetic, "ties": TiesMerge,
+             "norm_bounded_mean": RelativeNormBoundedMean, "task_arithmetic": TaskArithmetic, "ties": TiesMerge,
              "dare": DareMerge}
     assert set(kinds) == set(AGGREGATORS)
     for name, cls in kinds.items():
         with make_aggregator(name, 4, capacity=2, trim_beta=0.25, norm_bound=2.0) as agg:
             assert type(agg) is cls
+    with make_aggregator("norm_bounded_mean", 4, capacity=2, norm_bound_mode="absolute") as agg:
+        assert type(agg) is NormBoundedMean
     with pytest.raises(ValueError, match=r"'krum'.*median"):
         make_aggregator("krum", 4, capacity=2)
 

@@ -98,9 +98,9 @@ def test_gpt2_tinylm_updates_a_llama_llm_through_provider_and_federation(cross_p
                  "distill.steps": 4, "distill.batch-size": 8, "output.dir": str(out),
                  "strategy.out-of-coverage": "apply"}  # the pipeline under test, not the guard: keep every update
     cfg = from_run_config({**pyproject_run_config(ROOT / "pyproject.toml"), **overrides})
-    # A small provider: 6 shadow domains, 2 GT epochs; no probe prompts (probe features need grouped LoRA, which
-    # does not hook GPT-2's Conv1D).
-    provider = replace(provider_config_for(cfg), shadow_domains=6, n_examples=16, probes=0, epochs=2,
+    # A small provider: 6 shadow domains, 2 GT epochs, 4 probe prompts (probe features run the GPT-2 TinyLM under
+    # grouped LoRA on its Conv1D c_attn).
+    provider = replace(provider_config_for(cfg), shadow_domains=6, n_examples=16, probes=4, epochs=2,
                        same_val_domains=2, d_model=32, workers=1)
 
     # Execute: curate + train the GT, then two federated rounds with the GT at gt.checkpoint.

@@ -83,3 +83,22 @@ def test_dense_changes_save_as_an_exact_peft_adapter(toy_pair, tmp_path) -> None
             reference.get_submodule(m).weight += w
     loaded = PeftModel.from_pretrained(load_model(llm)[0], str(out))
     torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_dense_change_of_a_gpt2_llm_saves_as_a_peft_adapter(tmp_path) -> None:
+    # GPT-2's Conv1D stores (in, out) while a dense change is (out, in), as B @ A: the adapter must apply it right.
+    from fedgt.server.global_adapter import save_dense_peft
+    from tests.test_cross_family import save_gpt2_tiny
+
+    llm = save_gpt2_tiny(tmp_path / "gpt2", ["the quick brown fox jumps over the lazy dog"] * 4)
+    lora = LoraSettings(target_modules=("c_attn",))
+    g = torch.Generator().manual_seed(0)
+    change = {f"transformer.h.{i}.attn.c_attn": 0.05 * torch.randn(48, 16, generator=g) for i in range(2)}  # (out, in)
+    out = save_dense_peft(change, str(llm), lora, tmp_path / "adapter")
+    reference = load_model(str(llm))[0]
+    with torch.no_grad():
+        for m, w in change.items():
+            reference.get_submodule(m).weight += w.T  # Conv1D weight is (in, out)
+    loaded = PeftModel.from_pretrained(load_model(str(llm))[0], str(out))
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=0)

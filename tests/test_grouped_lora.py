@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fedgt.core.grouped_lora import _equal_blocks, grouped_lora
 from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
@@ -56,3 +56,24 @@ def test_equal_blocks_detects_contiguous_equal_groups_only() -> None:
     assert _equal_blocks(torch.tensor([0, 1, 1])) is None  # unequal
     assert _equal_blocks(torch.tensor([1, 1, 0, 0])) is None  # out of order
     assert _equal_blocks(torch.tensor([0, 0, 2, 2])) is None  # a missing group would misalign the factors
+
+
+def test_conv1d_targets_group_like_linear_ones() -> None:
+    # GPT-2's Conv1D stores its weight transposed, but peft's LoRA factors on it are plain Linear maps of x.
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    model = attach_lora(model, LoraSettings(target_modules=("c_attn",)))
+    init = lora_parameters(model)
+    g = torch.Generator().manual_seed(1)
+    adapters = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(2)]
+    ids = torch.randint(3, 40, (4, 7), generator=g)
+    groups = torch.tensor([1, 0, 0, 1])
+    expected = []
+    for row, grp in zip(ids, groups.tolist(), strict=True):
+        set_lora_parameters(model, adapters[grp])
+        expected.append(model(input_ids=row[None]).logits[0])
+    set_lora_parameters(model, init)
+    stacked = {k: torch.stack([a[k] for a in adapters]) for k in init}
+    with grouped_lora(model, stacked, groups):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)

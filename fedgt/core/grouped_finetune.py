@@ -5,10 +5,11 @@ batch exactly as ``fedgt.core.finetune.finetune`` would (same loader, same gener
 stacked into one (rows of domain g run with adapter g through ``grouped_lora``) and the loss is the *sum* of the
 per-domain mean losses, so each adapter's gradient is its own domain's gradient alone. AdamW is elementwise, so
 one AdamW over the stacked factors is G independent AdamWs. The results equal G calls of ``finetune`` up to float
-summation order (tested); the base model runs once per step over every row instead of once per domain.
+summation order when the base model has no dropout of its own (the presets; tested); the base model runs once per
+step over every row instead of once per domain.
 
-Plain (non-DP) training of ``nn.Linear`` LoRA targets without dropout only: DP-SGD's per-sample clipping and
-GPT-2's Conv1D go through ``finetune`` one domain at a time (``supports_grouped`` says which).
+Plain (non-DP) training without LoRA dropout only: DP-SGD's per-sample clipping and LoRA dropout go through
+``finetune`` one domain at a time (``supports_grouped`` says which). GPT-2's Conv1D targets group like Linear ones.
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ from fedgt.core.lora import lora_parameters
 
 
 def supports_grouped(peft_model: peft.PeftModel) -> bool:
-    """Whether the model's LoRA layers can train grouped: ``nn.Linear`` targets, no LoRA dropout."""
+    """Whether the model's LoRA layers can train grouped: no LoRA dropout (it would draw one mask per group)."""
     for module in lora_modules(peft_model).values():
-        if getattr(module, "fan_in_fan_out", False):
-            return False
         if any(not isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
             return False
     return True
@@ -55,7 +54,7 @@ def finetune_grouped(peft_model: peft.PeftModel, tokenizer, domains: Sequence[Se
     if not domains or any(len(d) == 0 for d in domains):
         raise ValueError("finetune_grouped: every domain needs training examples")
     if not supports_grouped(peft_model):
-        raise ValueError("finetune_grouped: the model has Conv1D LoRA targets or LoRA dropout; use finetune()")
+        raise ValueError("finetune_grouped: the model has LoRA dropout; use finetune()")
     n = len(domains)
     init = lora_parameters(peft_model)
     factors = {k: v.unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}

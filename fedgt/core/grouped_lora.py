@@ -71,8 +71,6 @@ def grouped_lora(peft_model: peft.PeftModel, factors: Mapping[str, torch.Tensor]
     blocks = _equal_blocks(groups)
     handles = []
     for module_name, module in lora_modules(peft_model).items():
-        if getattr(module, "fan_in_fan_out", False):
-            raise NotImplementedError(f"grouped_lora supports nn.Linear LoRA targets, not Conv1D ({module_name})")
         a_key, b_key = f"{module_name}.lora_A.weight", f"{module_name}.lora_B.weight"
         scale = module.scaling[adapter]
         if blocks is not None:

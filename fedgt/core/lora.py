@@ -108,18 +108,17 @@ def _uses_conv1d(model: torch.nn.Module, targets: Sequence[str]) -> bool:
     return kinds == {True}
 
 
+def lora_config(model: torch.nn.Module, targets: Sequence[str], r: int, alpha: float, dropout: float = 0.0
+                ) -> peft.LoraConfig:
+    """peft's LoraConfig for ``model``'s modules matching ``targets`` (Conv1D targets get ``fan_in_fan_out``)."""
+    found = discover_target_modules(model, targets)
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found, bias="none",
+                           task_type="CAUSAL_LM", fan_in_fan_out=_uses_conv1d(model, found))
+
+
 def attach_lora(model: torch.nn.Module, settings: LoraSettings) -> peft.PeftModel:
     """Wrap ``model`` (in place) with seeded LoRA adapters; same architecture + seed gives identical factors."""
-    targets = discover_target_modules(model, settings.target_modules)
-    config = peft.LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=_uses_conv1d(model, targets),
-    )
+    config = lora_config(model, settings.target_modules, settings.r, settings.alpha, settings.dropout)
     # peft creates the A factors on the CPU (kaiming-uniform from the global generator) and only then moves them to
     # the base layer's device, so seeding the CPU generator fixes them on any device. Restore it (and CUDA's, which
     # manual_seed also touches) so the caller's random stream is unaffected.

@@ -28,6 +28,7 @@ SERVER_OPTS = ("none", "fedavgm", "fedadam")
 SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
 PARTITIONS = ("domain", "iid", "dirichlet")
 OUT_OF_COVERAGE = ("skip", "shrink", "apply")
+NORM_BOUND_MODES = ("relative", "absolute")
 COVERAGE_KEY = "coverage-last-round"  # a train message's config: the coverage score of the node's previous update
 
 
@@ -105,13 +106,15 @@ class StrategySection:
     mode: str = "transform-then-aggregate"
     aggregator: str = "distill"
     trim_beta: float = 0.1
-    norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each organization's contribution
+    norm_bound: float = 1.0  # norm_bounded_mean: L2 bound of each contribution (relative: x the round's median norm)
+    norm_bound_mode: str = "relative"  # relative | absolute (norm-bound in the aggregated space's own units)
     rounds: str = "fresh"  # fresh | retranslate | merge | naive (strategies/grad_transformer.py explains)
     space: str = "weights"  # aggregate the LLM updates' weight changes (exact) or their LoRA factors
     server_opt: str = "none"
     server_lr: float = 1.0
     max_update_norm: float = 100.0  # replies whose TinyLM update has a larger L2 norm are rejected
     max_num_examples: int = 1000  # an organization's aggregation weight is min(num-examples, this)
+    max_weight_ratio: float = 2.0  # ... and at most this times the round's median weight (self-reported sizes)
     fraction_train: float = 1.0
     central_dp: bool = False
     central_dp_clip: float = 1.0
@@ -257,7 +260,8 @@ UPPER = {
     "train.max-length": 131_072, "dp.epsilon": 1e4, "dp.max-grad-norm": 1e6, "dp.update-clip": 1e6,
     "sim-sites.max-epsilon": 1e4, "sim-sites.budget": 1e6, "gt.shadow-domains": 1_000_000, "gt.epochs": 100_000,
     "gt.batch-size": 65_536, "strategy.norm-bound": 1e6, "strategy.server-lr": 100.0,
-    "strategy.max-update-norm": 1e9, "strategy.max-num-examples": 1_000_000_000, "strategy.central-dp-clip": 1e6,
+    "strategy.max-update-norm": 1e9, "strategy.max-num-examples": 1_000_000_000,
+    "strategy.max-weight-ratio": 1e6, "strategy.central-dp-clip": 1e6,
     "strategy.central-dp-noise-multiplier": 1e6, "strategy.merge-scale": 100.0, "strategy.coverage-threshold": 1e6,
     "data.n-train": 10_000_000, "data.n-test": 10_000_000, "data.alpha": 1e6, "eval.test-examples": 1_000_000,
     "eval.public-examples": 1_000_000,
@@ -325,6 +329,8 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(s.aggregator in AGGREGATORS, "strategy.aggregator", f"must be one of {AGGREGATORS}")
     need(0 <= s.trim_beta < 0.5, "strategy.trim-beta", "must be in [0, 0.5)")
     need(s.norm_bound > 0, "strategy.norm-bound", "must be > 0")
+    need(s.norm_bound_mode in NORM_BOUND_MODES, "strategy.norm-bound-mode", f"must be one of {NORM_BOUND_MODES}")
+    need(s.max_weight_ratio >= 1, "strategy.max-weight-ratio", "must be >= 1")
     need(s.rounds in ROUND_SCHEMES, "strategy.rounds", f"must be one of {ROUND_SCHEMES}")
     need(s.space in SPACES, "strategy.space", f"must be one of {SPACES}")
     need(s.space == "factors" or s.rounds in ("retranslate", "fresh"), "strategy.space",

@@ -6,8 +6,8 @@ step-offset pairing), so one domain yields ``len(snapshot_steps)`` pairs. Result
 safetensors shards listed in ``manifest.json``: a killed run resumes where it stopped, and a finished
 domain is never computed twice. Domains run in worker processes (one torch thread each), one at a time by default;
 ``group_domains > 1`` trains that many adapters together in one forward/backward per step
-(``fedgt.core.grouped_finetune``; same results up to float summation order; not under DP-SGD or with Conv1D
-targets). On 2 CPU cores grouping measured slower, not faster (``docs/results/performance.md``), so it is opt-in.
+(``fedgt.core.grouped_finetune``; same results up to float summation order; not under DP-SGD or with LoRA
+dropout). On 2 CPU cores grouping measured slower, not faster (``docs/results/performance.md``), so it is opt-in.
 """
 
 from __future__ import annotations

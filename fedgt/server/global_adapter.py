@@ -82,14 +82,12 @@ class GlobalAdapter:
         """Save as a standard peft LoRA adapter (rank r * pieces) for ``PeftModel.from_pretrained(base, out)``."""
         import peft
 
-        from fedgt.core.lora import discover_target_modules, set_lora_parameters
+        from fedgt.core.lora import lora_config, set_lora_parameters
         from fedgt.core.models import load_model
 
         pieces = self.pieces()
         model, tokenizer = load_model(base_model_spec)
-        config = peft.LoraConfig(r=self.lora.r * len(pieces), lora_alpha=self.lora.alpha * len(pieces),
-                                 target_modules=discover_target_modules(model, self.lora.target_modules),
-                                 bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+        config = lora_config(model, self.lora.target_modules, self.lora.r * len(pieces), self.lora.alpha * len(pieces))
         peft_model = peft.get_peft_model(model, config)
         set_lora_parameters(peft_model, concat_pieces(pieces, self.spec))
         out = Path(out)
@@ -122,13 +120,12 @@ def save_dense_peft(change: Mapping[str, torch.Tensor], base_model_spec: str, lo
     """Dense changes saved as a standard peft LoRA adapter (exact: rank by SVD, alpha = r so scaling is 1)."""
     import peft
 
-    from fedgt.core.lora import discover_target_modules, set_lora_parameters
+    from fedgt.core.lora import lora_config, set_lora_parameters
     from fedgt.core.models import load_model
 
     factors, rank = dense_as_lora(change)
     model, tokenizer = load_model(base_model_spec)
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=discover_target_modules(model,
-                             lora.target_modules), bias="none", task_type="CAUSAL_LM", lora_dropout=0.0)
+    config = lora_config(model, lora.target_modules, rank, rank)
     peft_model = peft.get_peft_model(model, config)
     set_lora_parameters(peft_model, factors)
     out = Path(out)
