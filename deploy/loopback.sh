@@ -6,6 +6,8 @@
 #   bash deploy/loopback.sh                          # default pair, 2 sites, simulations/deployment.toml
 #   SCENARIO="simulations/deployment.toml simulations/toy.toml" bash deploy/loopback.sh runs/deploy-toy
 #                                                    # toy pair (seconds; what the slow test runs)
+#   DROP_SITE=1 SITES=3 SCENARIO="... simulations/site_dropout.toml" bash deploy/loopback.sh runs/drill
+#                                                    # kill -9 site 1 after round 1: the run goes on with 2
 # SCENARIO: one or more run-config files, later ones overriding earlier ones. SITE_POLICY: the policy file every
 # site uses (default: written below, DP-SGD with ε <= 8 per round, budget 24, nothing released beyond the update,
 # num-examples and the ε spent; docs/privacy.md). Each site's ledger lives beside its data.
@@ -85,6 +87,17 @@ for i in $(seq 0 $((n - 1))); do
   pids+=($!)
 done
 
+# Fault drill (optional): DROP_SITE=i kills site i's SuperNode with SIGKILL once round DROP_AFTER_ROUND (default 1)
+# is in the run's metrics, as a site that loses power would vanish.
+if [ -n "${DROP_SITE:-}" ]; then
+  (
+    while ! grep -q "\"round\": ${DROP_AFTER_ROUND:-1}," "$work/run/metrics.jsonl" 2>/dev/null; do sleep 0.5; done
+    kill -KILL -- "-${pids[$((DROP_SITE + 1))]}" && echo "SIGKILL site $DROP_SITE after round ${DROP_AFTER_ROUND:-1}" \
+      >> "$work/faults.log"
+  ) &
+  watcher=$!
+fi
+
 # 5. Run the app: the server waits for the N sites, runs the rounds, writes output.dir.
 overrides=$("$bin/python" - "$scenario" "$n" "$work/run" <<'PY'
 import sys, tomllib
@@ -97,4 +110,5 @@ print(run_config_arg(cfg))
 PY
 )
 "$bin/flwr" run . tls --stream --run-config "$overrides"
+if [ -n "${watcher:-}" ]; then kill "$watcher" 2>/dev/null || true; fi
 test -f "$work/run/results.md" && cat "$work/run/results.md"

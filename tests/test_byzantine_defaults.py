@@ -84,3 +84,22 @@ def test_a_nan_train_loss_does_not_make_the_round_metric_nan() -> None:
                sent(3, update(3), 100, **{"train-loss": math.nan})]
     _, metrics = s.aggregate_train(1, replies)
     assert metrics["train-loss"] == 2.0
+
+
+def test_a_non_finite_gt_output_rejects_the_round_translation_and_the_run_goes_on() -> None:
+    broken = {"on": True}
+
+    def translate(x: torch.Tensor) -> torch.Tensor:
+        return x * math.nan if broken["on"] else x.clone()
+
+    for mode in ("transform-then-aggregate", "aggregate-then-transform"):
+        s = app_strategy(aggregator="mean", mode=mode)
+        s.translate = translate
+        broken["on"] = True
+        arrays, metrics = s.aggregate_train(1, [sent(i + 1, update(i), 100) for i in range(3)])
+        assert arrays is None and metrics["translation-rejected"] == 1.0 and metrics["llm-unchanged"] == 1.0
+        assert "not finite" in s.round_log[1]["translation-rejected"]
+        assert all((s.llm.current[k] == INIT[k]).all() for k in KEYS)
+        broken["on"] = False
+        _, metrics = s.aggregate_train(2, [sent(i + 1, update(i), 100) for i in range(3)])
+        assert metrics["translation-rejected"] == 0.0 and llm_change(s).norm() > 0

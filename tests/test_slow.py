@@ -133,6 +133,68 @@ def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> 
         assert r["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]} and r["configs"] == {}
 
 
+def _drill(tmp_path, sites: int, drop: int, rounds: int = 3) -> tuple[int, str, dict, list[dict]]:
+    """deploy/loopback.sh with the site-dropout scenario, killing site ``drop`` after round 1."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs openssl and ssh-keygen")
+    root = Path(__file__).resolve().parents[1]
+    apply = tmp_path / "apply.toml"  # the toy GT covers few DP updates: apply them, so rounds visibly change the LLM
+    apply.write_text(f'strategy.out-of-coverage = "apply"\nnum-server-rounds = {rounds}\n')
+    env = {**os.environ, "SITES": str(sites), "DROP_SITE": str(drop), "PORT": str(18700 + 20 * sites),
+           "SCENARIO": f"simulations/deployment.toml simulations/toy.toml simulations/site_dropout.toml {apply}"}
+    done = subprocess.run(["bash", "deploy/loopback.sh", str(tmp_path)], cwd=root, env=env, timeout=900,
+                          capture_output=True, text=True)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").is_file() else []
+    return done.returncode, done.stdout[-3000:] + done.stderr[-3000:], summary, rows
+
+
+def _adapter_loads(run, llm_dir) -> None:
+    from peft import PeftModel
+
+    from fedgt.core.models import load_model
+
+    PeftModel.from_pretrained(load_model(llm_dir)[0], str(run / "llm_adapter"))
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_run_leaves_the_federation_running(toy_pair, tmp_path) -> None:
+    """3 sites, kill -9 one after round 1: rounds 2 and 3 run with the other 2 (min-organizations 2)."""
+    rc, out, summary, rows = _drill(tmp_path, sites=3, drop=2)
+    assert rc == 0, out
+    assert "SIGKILL site 2 after round 1" in (tmp_path / "faults.log").read_text()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and summary["stopped"] is None
+    assert len(rows[1]["log"]["accepted"]) == 3
+    for r in rows[2:]:
+        assert len(r["log"]["accepted"]) == 2 and not r["log"].get("skipped") and not r["log"].get("llm-unchanged")
+    _adapter_loads(tmp_path / "run", toy_pair[1])
+
+
+@pytest.mark.slow
+def test_losing_quorum_ends_the_run_cleanly_with_its_reason(toy_pair, tmp_path) -> None:
+    """2 sites, kill -9 one after round 1: no round runs on one organization, and the run stops saying why."""
+    # The SuperLink lists a killed node until it misses 2 heartbeats (up to 60 s); rounds that still include it wait
+    # round-timeout-s for its reply and are skipped. Once it is listed offline, the next round waits wait-s and the
+    # run stops. 6 rounds leave time for that.
+    rc, out, summary, rows = _drill(tmp_path, sites=2, drop=1, rounds=6)
+    assert rc == 0, out
+    assert rows[1]["round"] == 1 and len(rows[1]["log"]["accepted"]) == 2
+    for r in rows[2:]:  # a round that still started had one reply at most: skipped, the LLM unchanged
+        assert r["log"].get("skipped") and r["log"].get("llm-unchanged")
+    assert "federation.min-organizations" in summary["stopped"], summary
+    assert summary["rounds_completed"] < 6
+    assert "Stopped early" in (tmp_path / "run" / "results.md").read_text()
+    _adapter_loads(tmp_path / "run", toy_pair[1])
+
+
 @pytest.mark.slow
 def test_federation_on_an_existing_ray_cluster(toy_pair, tmp_path) -> None:
     """`fedgt federate --ray-address`: the organizations run as actors of a Ray head started beforehand."""

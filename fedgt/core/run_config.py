@@ -39,8 +39,11 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class FederationSection:
     num_organizations: int = 8  # the SuperNodes the server waits for (simulation: num-supernodes)
-    wait_s: float = 120.0  # how long to wait for them before failing with a clear message
+    wait_s: float = 120.0  # how long to wait for them (and, each round, for min-organizations) before giving up
     num_server_rounds: int = 3
+    min_organizations: int = 0  # a round starts with at least this many connected (0: num-organizations)
+    min_replies: int = 2  # accepted replies a round needs, else it is skipped (capped at num-organizations)
+    round_timeout_s: float = 3600.0  # a round stops waiting for replies after this long
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,11 @@ class FedConfig:
 
     # ---------------------------------------------------------------- derived library configs
 
+    def quorum(self) -> tuple[int, int]:
+        """(organizations a round needs connected, accepted replies it needs), both within num-organizations."""
+        f = self.federation
+        return f.min_organizations or f.num_organizations, min(f.min_replies, f.num_organizations)
+
     def model_names(self) -> tuple[str, str]:
         """(TinyLM, LLM): presets or local model directories."""
         from fedgt.core.models import PAIRS
@@ -256,6 +264,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 # Upper bounds on sizes, times and rates: a value past these is a typo (1e9 tokens per example), not a setting.
 UPPER = {
     "federation.num-organizations": 100_000, "federation.wait-s": 7 * 86_400.0, "num-server-rounds": 100_000,
+    "federation.min-replies": 100_000, "federation.round-timeout-s": 7 * 86_400.0,
     "lora.r": 1024, "lora.alpha": 65_536, "train.steps": 1_000_000, "train.lr": 1.0, "train.batch-size": 65_536,
     "train.max-length": 131_072, "dp.epsilon": 1e4, "dp.max-grad-norm": 1e6, "dp.update-clip": 1e6,
     "sim-sites.max-epsilon": 1e4, "sim-sites.budget": 1e6, "gt.shadow-domains": 1_000_000, "gt.epochs": 100_000,
@@ -281,6 +290,10 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(f.num_organizations >= 1, "federation.num-organizations", "must be >= 1")
     need(f.wait_s > 0, "federation.wait-s", "must be > 0")
     need(f.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+    need(0 <= f.min_organizations <= f.num_organizations, "federation.min-organizations",
+         "must be in [0, federation.num-organizations] (0: all of them)")
+    need(f.min_replies >= 1, "federation.min-replies", "must be >= 1")
+    need(f.round_timeout_s > 0, "federation.round-timeout-s", "must be > 0")
     need(bool(cfg.model.pair) or (bool(cfg.model.tiny) and bool(cfg.model.llm)), "model.pair",
          "give a pair or both model.tiny and model.llm")
     cfg.model_names()

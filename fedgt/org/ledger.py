@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from fedgt.core.dp import (
     gaussian_noise_multiplier,
     rdp_epsilon,
 )
+from fedgt.core.durable import write_durably
 
 
 class BudgetExceeded(RuntimeError):
@@ -126,20 +126,3 @@ class PrivacyLedger:
                                              "rounds": self.rounds}, indent=1).encode())
         return total
 
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a torn one.
-
-    Temp file in the same folder, fsync, rename over ``path``, fsync the folder (so the rename itself survives).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

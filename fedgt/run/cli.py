@@ -122,10 +122,15 @@ def cmd_federate(args: argparse.Namespace) -> None:
     overrides = {**_overrides(args), "output.dir": str(args.out.resolve())}
     rc = run_federation(args.app.resolve(), overrides, args.flwr_home or cache_dir() / "flwr-home",
                         ray_address=args.ray_address)
-    results = args.out / "results.md"
-    if rc or not results.is_file():
-        raise SystemExit(f"fedgt federate: the federation failed (flwr exit code {rc})")
+    results, error = args.out / "results.md", args.out / "error.txt"
+    if rc or not results.is_file() or error.is_file():
+        cause = error.read_text().splitlines()[0] if error.is_file() else "no cause recorded: see the flwr log above"
+        raise SystemExit(f"fedgt federate: the federation failed (flwr exit code {rc}): {cause}")
     print(results.read_text())
+    summary = args.out / "summary.json"
+    stopped = json.loads(summary.read_text()).get("stopped") if summary.is_file() else None
+    if stopped:
+        print(f"fedgt federate: the federation stopped early: {stopped}", file=sys.stderr)
 
 
 def cmd_export_orgs(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import resource
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from fedgt.server.global_adapter import save_dense_peft
 from fedgt.server.report import plot_rounds, results_table
 from fedgt.server.translator import Translator, finetune_from_json, lora_from_json
 from strategies.central_dp import CentralDP
-from strategies.grad_transformer import GradTransformerStrategy
+from strategies.grad_transformer import GradTransformerStrategy, QuorumLost
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedgt.server")
@@ -96,15 +97,20 @@ def tiny_identity(meta: dict, tiny_model: str, lora: LoraSettings) -> dict[str, 
 
 
 def wait_for_organizations(grid: Grid, cfg: FedConfig) -> int:
-    """Wait up to federation.wait-s for federation.num-organizations nodes; fail with the fix otherwise."""
+    """Wait up to federation.wait-s for federation.num-organizations nodes; start with at least min-organizations."""
     want, deadline = cfg.federation.num_organizations, time.monotonic() + cfg.federation.wait_s
+    need = cfg.quorum()[0]
     while (have := len(list(grid.get_node_ids()))) < want:
         if time.monotonic() > deadline:
-            raise RuntimeError(
+            if have >= need:
+                log.warning("%d of federation.num-organizations=%d organizations connected within %g s; starting "
+                            "with them (federation.min-organizations=%d)", have, want, cfg.federation.wait_s, need)
+                return have
+            raise QuorumLost(
                 f"only {have} of federation.num-organizations={want} organizations connected within "
-                f"{cfg.federation.wait_s:g} s. In simulation run `flwr run . --federation-config "
-                f"\"num-supernodes={want}\"` (or `fedgt federate`, which sets it); at partner sites start {want} "
-                "SuperNodes or lower federation.num-organizations")
+                f"{cfg.federation.wait_s:g} s (a round needs federation.min-organizations={need}). In simulation run "
+                f"`flwr run . --federation-config \"num-supernodes={want}\"` (or `fedgt federate`, which sets it); "
+                f"at partner sites start {want} SuperNodes or lower federation.num-organizations")
         time.sleep(0.5)
     return have
 
@@ -137,9 +143,19 @@ def _model_state(name: str, lora) -> tuple:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the whole federation."""
+    """Run the whole federation; a failure's cause is also written to ``output.dir/error.txt`` for ``fedgt``."""
     cfg = from_run_config(context.run_config)
     out = output_dir(cfg, context.run_id)
+    (out / "error.txt").unlink(missing_ok=True)
+    try:
+        run(grid, context, cfg, out)
+    except Exception as err:
+        (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        raise
+
+
+def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
+    """The federation: models, GT, strategy, rounds, then every output."""
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
     lora = cfg.lora_settings()
@@ -168,6 +184,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluator.compute_ceiling(orgs, cfg.finetune_config())
 
     s = cfg.strategy
+    min_orgs, min_replies = cfg.quorum()
     central = CentralDP(s.central_dp_clip, s.central_dp_noise_multiplier, cfg.dp.delta) if s.central_dp else None
     strategy = GradTransformerStrategy(
         translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init, llm_init=llm_init,
@@ -179,9 +196,9 @@ def main(grid: Grid, context: Context) -> None:
         distill=consolidator(cfg, gt_dir, llm_name, translator.device), coverage=translator.coverage,
         out_of_coverage=s.out_of_coverage, coverage_threshold=s.coverage_threshold,
         public_loss=evaluator.public_loss if s.accept_rounds else None, accept_tolerance=s.accept_tolerance,
-        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=n_orgs,
-        min_train_nodes=max(1, int(n_orgs * s.fraction_train)), tiny_identity=identity)
-    wait_for_organizations(grid, cfg)
+        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=min_orgs,
+        min_train_nodes=max(1, min(min_orgs, int(n_orgs * s.fraction_train))), min_replies=min_replies,
+        wait_s=cfg.federation.wait_s, tiny_identity=identity)
 
     rows: list[dict] = []
 
@@ -209,13 +226,21 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, int | float)})
 
     t0 = time.time()
-    strategy.start(grid=grid, initial_arrays=strategy.current_arrays(), num_rounds=cfg.federation.num_server_rounds,
-                   train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    stopped = None
+    try:
+        wait_for_organizations(grid, cfg)
+        strategy.start(grid=grid, initial_arrays=strategy.current_arrays(),
+                       num_rounds=cfg.federation.num_server_rounds, timeout=cfg.federation.round_timeout_s,
+                       train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    except QuorumLost as err:  # the run ends cleanly: what the finished rounds built is saved below
+        stopped = str(err)
+        log.error("stopping the federation: %s", stopped)
     wall = time.time() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     (out / "summary.json").write_text(json.dumps({
         "wall_s": wall, "server_peak_rss_mb": peak_mb, "rounds": cfg.federation.num_server_rounds,
-        "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {},
+        "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {}, "stopped": stopped,
+        "rounds_completed": max((r["round"] for r in rows), default=0),
         "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0}}, indent=1,
         default=float))
     change = strategy.llm_weight_change()
@@ -224,8 +249,11 @@ def main(grid: Grid, context: Context) -> None:
     org_adapters = save_org_adapters(strategy, llm_name, lora, out) if cfg.output.org_adapters else []
     ceiling = evaluator.ceiling
     table = results_table(rows, evaluator.base_scores, ceiling, wall, cfg)
+    if stopped:
+        table += f"\nStopped early: {stopped}\n"
     (out / "results.md").write_text(table + f"\nLLM adapter: {adapter}\n"
                                     + (f"Per-organization adapters: {out / 'org_adapters'}\n" if org_adapters else ""))
-    plot_rounds(rows, ceiling, out / "metrics.png")
+    if rows:
+        plot_rounds(rows, ceiling, out / "metrics.png")
     print(table, flush=True)
     print(f"outputs: {out}", flush=True)
