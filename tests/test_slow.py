@@ -195,6 +195,79 @@ def test_losing_quorum_ends_the_run_cleanly_with_its_reason(toy_pair, tmp_path) 
     _adapter_loads(tmp_path / "run", toy_pair[1])
 
 
+def _kill_server_apps(flwr_home) -> int:
+    """SIGKILL every process running this FLWR_HOME's ServerApp (simulation: ``flwr-simulation``)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if (b"flwr-simulation" in cmd or b"flwr-serverapp" in cmd) and f"FLWR_HOME={flwr_home}".encode() in environ:
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_resumes_to_the_same_adapter(toy_pair, tmp_path) -> None:
+    """SIGKILL the ServerApp after round 2 of 4, `fedgt federate --resume`: the adapter of an unbroken run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    fedgt = str(Path(sys.executable).parent / "fedgt")
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def federate(out: Path, home: Path, *extra: str) -> list[str]:
+        return [fedgt, "federate", "--scenario", "simulations/toy.toml", "--rounds", "4", "--out", str(out),
+                "--flwr-home", str(home), *extra]
+
+    done = subprocess.run(federate(tmp_path / "unbroken", tmp_path / "h1"), cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    broken, home = tmp_path / "broken", tmp_path / "h2"
+    proc = subprocess.Popen(federate(broken, home), cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and '"round": 2,' not in ((broken / "metrics.jsonl").read_text()
+                                                           if (broken / "metrics.jsonl").is_file() else ""):
+        time.sleep(0.2)
+    assert _kill_server_apps(home.resolve()) >= 1
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    assert not (broken / "results.md").exists()  # it really died mid-run
+    refused = subprocess.run(federate(broken, home), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "set output.resume" in refused.stderr
+    done = subprocess.run(federate(broken, home, "--resume"), cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    a = load_file(tmp_path / "unbroken" / "llm_adapter" / "adapter_model.safetensors")
+    b = load_file(broken / "llm_adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in (k for k in a if "lora_A" in k):  # compare each module's weight change B @ A (SVD factors' signs vary)
+        kb = k.replace("lora_A", "lora_B")
+        torch.testing.assert_close(b[kb] @ b[k], a[kb] @ a[k], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_federation_on_an_existing_ray_cluster(toy_pair, tmp_path) -> None:
     """`fedgt federate --ray-address`: the organizations run as actors of a Ray head started beforehand."""

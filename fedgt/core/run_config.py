@@ -167,6 +167,7 @@ class OutputSection:
     dir: str = ""  # "" = $FEDGT_CACHE/runs/<timestamp>
     merged: bool = False  # also save a merged copy of the final LLM
     org_adapters: bool = True  # also save each organization's own LLM adapter (alone and on the shared LLM)
+    resume: bool = False  # continue the run in output.dir from its last good checkpoint (else a used dir is refused)
 
 
 @dataclass(frozen=True)

@@ -106,10 +106,27 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_dir(out: Path | None, name: str, resume: bool = False) -> Path:
+    """``--out``, else a fresh ``runs/<name>/<time>`` linked as ``runs/<name>/latest`` (resume: ``latest``)."""
+    if out is not None:
+        return out
+    root = Path("runs") / name
+    if resume:
+        if not (root / "latest").exists():
+            raise SystemExit(f"fedgt {name} --resume: no {root / 'latest'} to resume; give --out FOLDER")
+        return (root / "latest").resolve()
+    path = root / time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "latest").unlink(missing_ok=True)
+    (root / "latest").symlink_to(path.name)
+    return path
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from fedgt.core.models import cache_dir
     from fedgt.run.demo import run_demo
 
+    args.out = run_dir(args.out, "demo")
     rc = run_demo(args.app.resolve(), _overrides(args), args.out, args.flwr_home or cache_dir() / "flwr-home")
     if rc:
         raise SystemExit(rc)
@@ -118,8 +135,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_federate(args: argparse.Namespace) -> None:
     from fedgt.core.models import cache_dir
     from fedgt.run.flwr_runner import run_federation
+    from fedgt.server.checkpoint import ResumeError, prepare_output
 
-    overrides = {**_overrides(args), "output.dir": str(args.out.resolve())}
+    args.out = run_dir(args.out, "federate", args.resume)
+    try:
+        prepare_output(args.out, args.resume)  # the ServerApp checks again; failing here costs no startup
+    except ResumeError as err:
+        raise SystemExit(f"fedgt federate: {err}") from err
+    overrides = {**_overrides(args), "output.dir": str(args.out.resolve()), "output.resume": bool(args.resume)}
     rc = run_federation(args.app.resolve(), overrides, args.flwr_home or cache_dir() / "flwr-home",
                         ray_address=args.ray_address)
     results, error = args.out / "results.md", args.out / "error.txt"
@@ -366,10 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-orgs":
             p.add_argument("--out", type=Path, default=Path("runs/sites"), help="one subfolder per organization")
         elif name != "provide":
-            p.add_argument("--out", type=Path, default=Path(f"runs/{name}"), help="output.dir of the run")
+            p.add_argument("--out", type=Path, help=f"output.dir of the run (default: runs/{name}/<time>, linked as "
+                                                    f"runs/{name}/latest); a folder holding a run needs --resume")
             p.add_argument("--flwr-home", type=Path, help="FLWR_HOME for the local SuperLink "
                                                           "(default $FEDGT_CACHE/flwr-home)")
         if name == "federate":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run in --out (default runs/federate/latest) after its last good round")
             p.add_argument("--ray-address", help="run the organizations on an existing Ray cluster (host:port)")
         p.set_defaults(func=func)
     return parser

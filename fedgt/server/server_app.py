@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
 import traceback
@@ -21,17 +22,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedgt.core.durable import write_durably
 from fedgt.core.identity import MODEL_KEYS, IdentityMismatch, model_identity, verify_identity
 from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters
 from fedgt.core.models import cache_dir, load_model
 from fedgt.core.org_data import simulated_organizations
-from fedgt.core.run_config import FedConfig, from_run_config
+from fedgt.core.run_config import FedConfig, from_run_config, to_run_config
 from fedgt.core.updates import spec_of
 from fedgt.provider.prompt_pool import PromptPool
 from fedgt.provider.provision import provide, provider_config_for, published_identity, resolve_model
+from fedgt.server.checkpoint import (
+    check_same_run,
+    latest_checkpoint,
+    prepare_output,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from fedgt.server.consolidate import Consolidator, DistillConfig
 from fedgt.server.evaluation import LLMEvaluator
 from fedgt.server.global_adapter import save_dense_peft
@@ -46,9 +56,10 @@ app = ServerApp()
 
 
 def output_dir(cfg: FedConfig, run_id: int) -> Path:
-    """Where this run writes (created)."""
+    """Where this run writes (created); a previous run's folder only with output.resume."""
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
     out = Path(cfg.output.dir) if cfg.output.dir else cache_dir() / "runs" / stamp
+    prepare_output(out, cfg.output.resume)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -136,6 +147,17 @@ def save_org_adapters(strategy: GradTransformerStrategy, llm_name: str, lora: Lo
     return saved
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a line torn by a crash (the last one) is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log.warning("resume: dropping a torn line of %s", path)
+    return rows
+
+
 def _model_state(name: str, lora) -> tuple:
     model = attach_lora(load_model(name)[0], lora)
     return spec_of(model), lora_parameters(model)
@@ -145,7 +167,7 @@ def _model_state(name: str, lora) -> tuple:
 def main(grid: Grid, context: Context) -> None:
     """Run the whole federation; a failure's cause is also written to ``output.dir/error.txt`` for ``fedgt``."""
     cfg = from_run_config(context.run_config)
-    out = output_dir(cfg, context.run_id)
+    out = output_dir(cfg, context.run_id)  # before anything is written: a used folder needs output.resume
     (out / "error.txt").unlink(missing_ok=True)
     try:
         run(grid, context, cfg, out)
@@ -156,7 +178,13 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
     """The federation: models, GT, strategy, rounds, then every output."""
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    run_config = to_run_config(cfg)
+    if cfg.output.resume:
+        check_same_run(out, run_config)
+    else:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (out / "run_config.json").write_text(json.dumps(run_config, indent=1))
+    resumed = latest_checkpoint(out / "checkpoints") if cfg.output.resume else None
     tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
     lora = cfg.lora_settings()
     gt_dir = gt_checkpoint(cfg)
@@ -179,7 +207,9 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
     public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
     evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
                              cfg.train.max_length)
-    if orgs and cfg.eval.ceiling:
+    if resumed is not None:
+        evaluator.base_scores, evaluator.ceiling = resumed["evaluator"]["base"], resumed["evaluator"]["ceiling"]
+    elif orgs and cfg.eval.ceiling:
         log.info("simulation only: fine-tuning the LLM on each organization's data for the LGR ceiling")
         evaluator.compute_ceiling(orgs, cfg.finetune_config())
 
@@ -201,8 +231,18 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         wait_s=cfg.federation.wait_s, tiny_identity=identity)
 
     rows: list[dict] = []
+    first_round = 1
+    if resumed is not None:
+        strategy.load_state_dict(resumed["strategy"])
+        first_round = resumed["round"] + 1
+        rows = [r for r in _read_rows(out / "metrics.jsonl") if r["round"] < first_round]
+        write_durably(out / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in rows).encode())
+        log.info("resuming %s after round %d of %d", out, resumed["round"], cfg.federation.num_server_rounds)
+    elif cfg.output.resume:
+        log.warning("output.resume: no usable checkpoint in %s; starting from round 1", out / "checkpoints")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    def evaluate(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(server_round: int) -> None:
         t0 = time.perf_counter()
         scores = evaluator(strategy.llm, strategy.llm_weight_change())
         row = {"round": server_round, "eval": scores, "eval_s": time.perf_counter() - t0,
@@ -215,23 +255,24 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         rows.append(row)
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
-        if server_round > 0:
-            ckpt = out / "checkpoints" / f"round-{server_round}.pt"
-            ckpt.parent.mkdir(exist_ok=True)
-            torch.save({"llm": strategy.llm.state_dict(), "tiny": strategy.tiny.state_dict(),
-                        "llm_weight_change": strategy.llm_weight_change(),
-                        "server_opt": strategy.server_opt.state_dict(), "round": server_round,
-                        "central_dp": strategy.central_dp.state_dict() if strategy.central_dp else None}, ckpt)
+            f.flush()
+            os.fsync(f.fileno())
+        if server_round > 0:  # after the row: a checkpoint of round N means metrics.jsonl holds round N
+            save_checkpoint(out / "checkpoints", server_round, {
+                "strategy": strategy.state_dict(), "rng": rng_state(),
+                "evaluator": {"base": evaluator.base_scores, "ceiling": evaluator.ceiling}})
         log.info("round %d: %s", server_round, {k: v for k, v in scores.items() if k != "orgs"})
-        return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, int | float)})
 
     t0 = time.time()
     stopped = None
     try:
         wait_for_organizations(grid, cfg)
-        strategy.start(grid=grid, initial_arrays=strategy.current_arrays(),
-                       num_rounds=cfg.federation.num_server_rounds, timeout=cfg.federation.round_timeout_s,
-                       train_config=ConfigRecord({}), evaluate_fn=evaluate)
+        if resumed is None:
+            evaluate(0)
+        else:
+            set_rng_state(resumed["rng"])  # as it was right after the checkpointed round
+        strategy.run_rounds(grid, first_round, cfg.federation.num_server_rounds, cfg.federation.round_timeout_s,
+                            evaluate)
     except QuorumLost as err:  # the run ends cleanly: what the finished rounds built is saved below
         stopped = str(err)
         log.error("stopping the federation: %s", stopped)
