@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -22,6 +23,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from fedgt.core.manifest import DamagedArtifact, verify_folder
 
 PREPARED_META = "fedgt_prepared.json"
 
@@ -159,8 +162,12 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Pr
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(path)
+        verify_folder(path, "model")  # a prepared model lists its files' sha256: a damaged one names its file
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return model, AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated weights, corrupt JSON
+            raise DamagedArtifact(f"{path}: cannot load the model ({type(err).__name__}: {err})") from err
     if preparable(str(spec)):
         found = find_prepared(str(spec))
         if found is not None:

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from fedgt.core.batching import encode
 from fedgt.core.examples import Example
+from fedgt.core.manifest import write_manifest
 from fedgt.core.models import PREPARED_META, cache_dir, count_parameters, smollm2_gguf
 
 LLM_NAME = "smollm2"
@@ -130,7 +131,8 @@ def _write(model: PreTrainedModel, tokenizer, out: Path, meta: dict) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     meta["parameters"] = count_parameters(model)
-    (out / PREPARED_META).write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+    (out / PREPARED_META).write_text(json.dumps(meta, indent=2))  # marks the cache complete
+    write_manifest(out)  # every file's sha256, verified on each load
 
 
 def prepare_llm(force: bool = False) -> Path:

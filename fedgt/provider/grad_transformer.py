@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from fedgt.core.manifest import DamagedArtifact
+
 DECODERS = ("parallel", "autoregressive")
 KINDS = ("gt", "paper_gt")
 
@@ -332,9 +334,17 @@ def load_gt(path: Path, device: str | torch.device = "cpu") -> tuple[GradTransfo
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} is not a Grad-Transformer checkpoint (needs config.json and model.safetensors;"
                                 " run `fedgt train-gt`)")
-    meta = json.loads((path / "config.json").read_text())
-    model = build_gt(GTConfig(**meta["gt"]))
-    load_model(model, str(path / "model.safetensors"))
+    try:
+        meta = json.loads((path / "config.json").read_text())
+        model = build_gt(GTConfig(**meta["gt"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise DamagedArtifact(f"{path / 'config.json'}: not a Grad-Transformer config ({err})") from err
+    try:
+        load_model(model, str(path / "model.safetensors"))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for truncated files
+        raise DamagedArtifact(f"{path / 'model.safetensors'}: cannot be read ({type(err).__name__}: {err})") from err
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise DamagedArtifact(f"{path / 'model.safetensors'}: holds non-finite weights")
     return model.to(device).eval(), meta
 
 

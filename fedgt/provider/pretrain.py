@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 
 from fedgt.core.batching import encode, per_example_loss
 from fedgt.core.examples import Example, text_example
+from fedgt.core.manifest import write_manifest
 from fedgt.core.mixture import TOKENIZERS, PretrainData
 from fedgt.core.models import (
     DERIVED,
@@ -151,7 +152,8 @@ def prepare_preset(name: str, data: PretrainData = PretrainData(), seed: int = 0
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "torch_threads": torch.get_num_threads(),
     }
-    (out / PREPARED_META).write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+    (out / PREPARED_META).write_text(json.dumps(meta, indent=2))  # marks the cache complete
+    write_manifest(out)  # every file's sha256, verified on each load
     return out
 
 

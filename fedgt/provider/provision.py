@@ -21,6 +21,7 @@ from fedgt.core.dp import DPConfig
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.identity import model_identity
 from fedgt.core.lora import LoraSettings
+from fedgt.core.manifest import write_manifest
 from fedgt.core.models import cache_dir
 from fedgt.core.run_config import FedConfig
 from fedgt.provider.prompt_pool import save_prompt_pool
@@ -137,7 +138,8 @@ def provide(cfg: ProviderConfig, progress: bool = True) -> Path:
              progress=progress, same_val=same_val)
     save_prompt_pool(gt_dir, pairs, shadow)
     meta = provider_meta(cfg, tiny, llm, prompts, pairs.names)
-    (gt_dir / "provider.json").write_text(json.dumps(meta, indent=1))  # written last: marks the GT complete
+    (gt_dir / "provider.json").write_text(json.dumps(meta, indent=1))  # marks the GT complete
+    write_manifest(gt_dir)  # every file's sha256, verified when a server loads the GT
     return gt_dir
 
 

@@ -13,6 +13,7 @@ dropout). On 2 CPU cores grouping measured slower, not faster (``docs/results/pe
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -29,10 +30,12 @@ from fedgt.core.examples import Example
 from fedgt.core.finetune import FinetuneConfig, FinetuneResult, finetune
 from fedgt.core.grouped_finetune import finetune_grouped, supports_grouped
 from fedgt.core.lora import LoraSettings, attach_lora, lora_parameters, set_lora_parameters
+from fedgt.core.manifest import DamagedArtifact, check_file, sha256_file
 from fedgt.core.models import load_model
 from fedgt.core.updates import UpdateSpec, flatten, spec_of
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("fedgt.provider")
 DEFAULT_SNAPSHOTS = (60, 70, 80, 90, 100)
 
 
@@ -154,7 +157,12 @@ def _work(chunk: list[tuple[str, list[Example], torch.Tensor | None]]) -> list[t
 def read_manifest(out: Path) -> dict | None:
     """The manifest of a curation folder, or None when there is none yet."""
     path = Path(out) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedArtifact(f"{path}: not valid JSON ({err}); delete the folder to curate again") from err
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -176,7 +184,8 @@ def _flush(out: Path, manifest: dict, results: list) -> None:
         "step": torch.tensor(steps * len(results)),
     }
     save_file(tensors, str(out / file), metadata={"domains": json.dumps(names)})
-    manifest["shards"].append({"file": file, "domains": names, "pairs": int(tensors["tiny"].shape[0])})
+    manifest["shards"].append({"file": file, "domains": names, "pairs": int(tensors["tiny"].shape[0]),
+                               "sha256": sha256_file(out / file)})
     manifest["cpu_seconds"] += sum(r[3]["cpu-seconds"] for r in results)
     manifest["metrics"].update({r[0]: r[3] for r in results})
     _write_json_atomic(out / MANIFEST, manifest)
@@ -290,6 +299,10 @@ def load_pairs(out: Path) -> ShadowPairs:
         raise FileNotFoundError(f"no curated pairs in {out} (run `fedgt curate` first)")
     tiny, llm, domain, step, names = [], [], [], [], []
     for shard in manifest["shards"]:
+        if "sha256" in shard:  # verified before parsing: a damaged shard is named, never half-read
+            check_file(Path(out) / shard["file"], shard["sha256"], Path(out) / MANIFEST)
+        else:
+            log.warning("%s: no sha256 listed for %s; it cannot be verified", Path(out) / MANIFEST, shard["file"])
         t = load_file(str(Path(out) / shard["file"]))
         tiny.append(t["tiny"])
         llm.append(t["llm"])

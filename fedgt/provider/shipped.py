@@ -12,7 +12,6 @@ an error that names it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,22 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedgt.core.manifest import DamagedArtifact, sha256_file, write_manifest
+
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 MANIFEST = "MANIFEST.json"
-SKIP = ("train_state.pt",)  # resume state of GT training: large and not needed to use the GT
-
-
-class DamagedArtifact(ValueError):
-    """A shipped file whose content is not what the manifest says."""
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+SKIP = ("train_state.pt", "MANIFEST.json")  # GT training resume state (large, unused by the GT); the cache's list
 
 
 def read_manifest(root: Path = ARTIFACTS) -> dict:
@@ -58,7 +46,7 @@ def verify(key: str, root: Path = ARTIFACTS) -> dict:
         path = root / key / name
         if not path.is_file():
             raise DamagedArtifact(f"{path}: missing (listed in {root / MANIFEST})")
-        if sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise DamagedArtifact(f"{path}: sha256 differs from {root / MANIFEST}; the file is damaged or was "
                                   "changed without `fedgt prepare --rebuild` / `fedgt provide --rebuild`")
     return entry
@@ -74,6 +62,7 @@ def install(key: str, dest: Path, root: Path = ARTIFACTS) -> bool:
     for name in entry["files"]:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / key / name, tmp / name)
+    write_manifest(tmp)  # the cached copy is verified on every load, like one built here
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
@@ -98,7 +87,7 @@ def ship(src: Path, key: str, command: str, recipe: dict, root: Path = ARTIFACTS
                 and (not key.startswith("models/") or k.rsplit("-", 1)[0] == kind)]:
         del manifest["artifacts"][old]
         shutil.rmtree(root / (Path(old).parent if old.endswith("/gt") else Path(old)), ignore_errors=True)
-    manifest["artifacts"][key] = {"files": {n: sha256(out / n) for n in files}, "recipe": recipe,
+    manifest["artifacts"][key] = {"files": {n: sha256_file(out / n) for n in files}, "recipe": recipe,
                                   "command": command, "built": time.strftime("%Y-%m-%d")}
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

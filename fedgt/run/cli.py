@@ -280,6 +280,9 @@ def cmd_train_gt(args: argparse.Namespace) -> None:
         "tiny": model_name(tiny), "llm": model_name(llm), "models": {"tiny": manifest(tiny), "llm": manifest(llm)},
         "lora": cfg["lora"], "finetune": cfg["finetune"], "tiny_dp": cfg.get("tiny_dp"), "probe_prompts": [],
         "shadow_domains": pairs.names}, indent=1))
+    from fedgt.core.manifest import write_manifest
+
+    write_manifest(args.out)  # every file's sha256, verified when a server loads the GT
     print(f"best epoch {record['best_epoch']} (val {tcfg.select_on} {record['best_val']:.4f}), "
           f"{record['seconds']:.0f} s on {record['device']}; checkpoint in {args.out}")
 

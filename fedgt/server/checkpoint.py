@@ -9,7 +9,6 @@ skips a damaged one with a warning that names the file and what is wrong, and co
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fedgt.core.durable import save_durably, write_durably
+from fedgt.core.manifest import sha256_file
 
 log = logging.getLogger("fedgt.server")
 MANIFEST = "MANIFEST.json"
@@ -26,15 +26,6 @@ MANIFEST = "MANIFEST.json"
 
 class ResumeError(RuntimeError):
     """An output folder that cannot be resumed from, or a new run pointed at a previous run's folder."""
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:

@@ -137,6 +137,27 @@ def consolidator(cfg: FedConfig, gt_dir: Path, llm_name: str, device: str | torc
     return Consolidator(llm_name, cfg.lora_settings(), PromptPool.from_provider(gt_dir), dcfg, device)
 
 
+def make_strategy(cfg: FedConfig, translator: Translator, tiny: tuple, llm: tuple, distill: Consolidator | None,
+                  public_loss=None, identity: dict[str, str] | None = None) -> GradTransformerStrategy:
+    """The strategy every ``strategy.*`` / ``federation.*`` setting describes (``tiny``, ``llm``: (spec, init))."""
+    s = cfg.strategy
+    n_orgs = cfg.federation.num_organizations
+    min_orgs, min_replies = cfg.quorum()
+    central = CentralDP(s.central_dp_clip, s.central_dp_noise_multiplier, cfg.dp.delta) if s.central_dp else None
+    return GradTransformerStrategy(
+        translate=translator, tiny_spec=tiny[0], llm_spec=llm[0], tiny_init=tiny[1], llm_init=llm[1],
+        lora=cfg.lora_settings(), mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta,
+        norm_bound=s.norm_bound, rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr),
+        central_dp=central, max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
+        max_num_examples=float(s.max_num_examples), max_weight_ratio=s.max_weight_ratio,
+        norm_bound_mode=s.norm_bound_mode, merge_scale=s.merge_scale, density=s.density, distill=distill,
+        coverage=translator.coverage, out_of_coverage=s.out_of_coverage, coverage_threshold=s.coverage_threshold,
+        public_loss=public_loss, accept_tolerance=s.accept_tolerance,
+        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=min_orgs,
+        min_train_nodes=max(1, min(min_orgs, int(n_orgs * s.fraction_train))), min_replies=min_replies,
+        wait_s=cfg.federation.wait_s, tiny_identity=identity)
+
+
 def save_org_adapters(strategy: GradTransformerStrategy, llm_name: str, lora: LoraSettings, out: Path) -> list[Path]:
     """Each organization's own LLM adapter, alone and on top of the shared LLM (peft directories)."""
     saved = []
@@ -213,22 +234,9 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         log.info("simulation only: fine-tuning the LLM on each organization's data for the LGR ceiling")
         evaluator.compute_ceiling(orgs, cfg.finetune_config())
 
-    s = cfg.strategy
-    min_orgs, min_replies = cfg.quorum()
-    central = CentralDP(s.central_dp_clip, s.central_dp_noise_multiplier, cfg.dp.delta) if s.central_dp else None
-    strategy = GradTransformerStrategy(
-        translate=translator, tiny_spec=tiny_spec, llm_spec=llm_spec, tiny_init=tiny_init, llm_init=llm_init,
-        lora=lora, mode=s.mode, aggregator=s.aggregator, trim_beta=s.trim_beta, norm_bound=s.norm_bound,
-        rounds=s.rounds, server_opt=ServerOptimizer(s.server_opt, lr=s.server_lr), central_dp=central,
-        max_update_norm=s.max_update_norm, gt_batch_size=cfg.gt.batch_size, space=s.space,
-        max_num_examples=float(s.max_num_examples), max_weight_ratio=s.max_weight_ratio,
-        norm_bound_mode=s.norm_bound_mode, merge_scale=s.merge_scale, density=s.density,
-        distill=consolidator(cfg, gt_dir, llm_name, translator.device), coverage=translator.coverage,
-        out_of_coverage=s.out_of_coverage, coverage_threshold=s.coverage_threshold,
-        public_loss=evaluator.public_loss if s.accept_rounds else None, accept_tolerance=s.accept_tolerance,
-        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_available_nodes=min_orgs,
-        min_train_nodes=max(1, min(min_orgs, int(n_orgs * s.fraction_train))), min_replies=min_replies,
-        wait_s=cfg.federation.wait_s, tiny_identity=identity)
+    strategy = make_strategy(cfg, translator, (tiny_spec, tiny_init), (llm_spec, llm_init),
+                             consolidator(cfg, gt_dir, llm_name, translator.device),
+                             evaluator.public_loss if cfg.strategy.accept_rounds else None, identity)
 
     rows: list[dict] = []
     first_round = 1

@@ -15,6 +15,7 @@ import torch
 
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
+from fedgt.core.manifest import DamagedArtifact, verify_folder
 from fedgt.core.updates import UpdateSpec
 from fedgt.provider.coverage import Coverage, load_coverage
 
@@ -25,7 +26,10 @@ def read_provider(gt_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: gt.checkpoint must be a directory written by `fedgt provide` or "
                                 "`fedgt train-gt`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedArtifact(f"{path}: not valid JSON ({err})") from err
 
 
 def lora_from_json(d: dict) -> LoraSettings:
@@ -45,6 +49,7 @@ class Translator:
         from fedgt.core.judge import LLMJudge
         from fedgt.provider.grad_transformer import best_device, load_gt
 
+        verify_folder(Path(gt_dir), "Grad-Transformer")  # DamagedArtifact names a damaged or missing file
         self.meta = read_provider(gt_dir)
         self.device = best_device() if device == "auto" else torch.device(device)
         self.model, _ = load_gt(Path(gt_dir), self.device)
