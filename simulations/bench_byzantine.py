@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="any run-config key")
+    p.add_argument("--metric", default=None, help="lgr-em (default) or lgr (loss; --quick: the toy pair has no EM)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--name", default=None)
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.name = args.name or ("byzantine_quick" if args.quick else "byzantine")
     args.seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]
     args.rounds = 1
+    args.metric = args.metric or ("lgr" if args.quick else "lgr-em")
     return args
 
 
@@ -103,6 +105,11 @@ def attack(kind: str, honest: torch.Tensor, weight: float, median_norm: float, m
 
 def replies(updates: list[tuple[torch.Tensor, dict]], spec) -> list[Message]:
     """The organizations' releases as the reply messages a ServerApp receives (node ids 1..n)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # messages outside a Flower run: what a ServerApp process has
+        if getattr(TaskIdentity, attr) is None:
+            setattr(TaskIdentity, attr, 1 if attr == "_run_id" else 0)
     out = []
     for i, (tokens, metrics) in enumerate(updates):
         instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=i + 1, message_type="train")
@@ -122,12 +129,13 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             print(f"=== seed {seed}", flush=True)
             seeds[str(seed)] = run_seed(args, config_for(args, seed), gt_dir, workers)
-    summary = summarize(seeds)
+    summary = summarize(seeds, args.metric)
     results = {"command": "python -m simulations.bench_byzantine " + " ".join(argv if argv is not None else
                                                                                 sys.argv[1:]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
                           f"{args.workers} client workers; nothing else ran",
                "date": time.strftime("%Y-%m-%d"),
+               "metric": args.metric,
                "config": {"organizations": args.orgs, "rounds": 1, "seeds": args.seeds, "gt": str(gt_dir),
                           "boost": BOOST, "inflated_num_examples": INFLATED,
                           "strategy": {k: v for k, v in cfg.strategy.__dict__.items() if k != "aggregator"}},
@@ -211,13 +219,13 @@ def _std(xs: list) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def summarize(seeds: dict) -> dict:
-    """``{"clean": {agg: lgr_em}, "attacks": {attack: {fraction: {agg: lgr_em}}}, "recommended": agg}`` (seed means)."""
+def summarize(seeds: dict, metric: str = "lgr-em") -> dict:
+    """``{"clean": {agg: lgr}, "attacks": {attack: {fraction: {agg: lgr}}}, "recommended": agg}`` (seed means)."""
     first = next(iter(seeds.values()))
     clean, attacks, spread = {}, {}, {}
     for aggregator, runs in first["runs"].items():
         for key in runs:
-            vals = [s["runs"][aggregator][key]["lgr-em"] for s in seeds.values()]
+            vals = [s["runs"][aggregator][key][metric] for s in seeds.values()]
             spread.setdefault(aggregator, {})[key] = _std(vals)
             if key == "clean":
                 clean[aggregator] = _mean(vals)
@@ -259,7 +267,8 @@ def render(results: dict) -> str:
              f"(max-weight-ratio {c['strategy']['max_weight_ratio']}, trim-beta {c['strategy']['trim_beta']}, "
              f"norm-bound {c['strategy']['norm_bound']} {c['strategy']['norm_bound_mode']}, out-of-coverage "
              f"{c['strategy']['out_of_coverage']}).", "",
-             "Pooled LGR (exact match) of the shared LLM on every organization's test split"
+             f"Pooled LGR ({'exact match' if results['metric'] == 'lgr-em' else 'loss'}) of the shared LLM on every "
+             "organization's test split"
              + (", mean ± standard deviation over seeds" if n_seeds > 1 else "") + ".", "",
              "| attack | fraction | " + " | ".join(aggs) + " |", "|---|---|" + "---|" * len(aggs),
              "| none (clean) | 0 | " + " | ".join(cell(a, "clean", results["clean"][a]) for a in aggs) + " |"]

@@ -45,6 +45,9 @@ def test_teachers_answer_greedily_and_the_student_learns_their_answers(toy_pair)
 
     labelled = c.label(teachers, [pool.prompts[0][:6], pool.prompts[1][:4]])
     assert 0 < len(labelled) <= 10 and all(ex.is_task and ex.target.endswith("\n") for ex in labelled)
+    # Batches holding only some teachers' rows (batch 1: teacher 0, batch 2: teacher 1) label the same.
+    four = [pool.prompts[0][:4], pool.prompts[1][:4]]
+    assert c.label(teachers, four, batch_rows=4) == c.label(teachers, four)
     # Greedy labels are the teacher's own argmax: scoring them teacher-forced gives exact match 1 (left padding
     # and grouped LoRA in generate change nothing), and the base LLM's answers differ from the teacher's.
     mine = [ex for ex in labelled if ex.context in pool.prompts[0][:6]]

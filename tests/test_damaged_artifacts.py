@@ -92,7 +92,8 @@ def test_a_gt_with_its_tail_overwritten_is_refused_naming_the_file(provider_gt, 
 
 
 def test_a_damaged_curation_shard_is_named_before_it_is_read(provider_gt, tmp_path) -> None:
-    from fedgt.provider.shadow import MANIFEST as CURATION, load_pairs
+    from fedgt.provider.shadow import MANIFEST as CURATION
+    from fedgt.provider.shadow import load_pairs
 
     shadow = tmp_path / "shadow"
     shutil.copytree(provider_gt.parent / "shadow", shadow)

@@ -18,7 +18,8 @@ def _model(freeze_a: bool):
 
 
 @pytest.mark.parametrize("freeze_a", [False, True])
-@pytest.mark.parametrize("order", [[2, 0, 1, 2, 0, 1], [0, 0, 1, 1, 2, 2]], ids=["mixed-rows", "equal-blocks"])
+@pytest.mark.parametrize("order", [[2, 0, 1, 2, 0, 1], [0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1], [2, 2, 0, 0, 2, 2]],
+                         ids=["mixed-rows", "equal-blocks", "blocks-of-some-groups", "blocks-in-any-order"])
 def test_grouped_forward_equals_one_peft_forward_per_adapter(freeze_a: bool, order: list[int]) -> None:
     model = _model(freeze_a)
     init = lora_parameters(model)
@@ -52,10 +53,15 @@ def test_unknown_factor_names_are_rejected() -> None:
 
 
 def test_equal_blocks_detects_contiguous_equal_groups_only() -> None:
-    assert _equal_blocks(torch.tensor([0, 0, 1, 1, 2, 2])) == 3
-    assert _equal_blocks(torch.tensor([0, 1, 1])) is None  # unequal
-    assert _equal_blocks(torch.tensor([1, 1, 0, 0])) is None  # out of order
-    assert _equal_blocks(torch.tensor([0, 0, 2, 2])) is None  # a missing group would misalign the factors
+    def blocks(groups: list[int]):
+        found = _equal_blocks(torch.tensor(groups))
+        return None if found is None else found.tolist()
+
+    assert blocks([0, 0, 1, 1, 2, 2]) == [0, 1, 2]
+    assert blocks([0, 1, 1]) is None  # unequal
+    assert blocks([1, 1, 0, 0]) == [1, 0]  # any order: each block reads its own group's factors
+    assert blocks([0, 0, 2, 2]) == [0, 2]  # a batch holding only some of the groups (a slice of a longer list)
+    assert blocks([3, 3, 3]) == [3]
 
 
 def test_conv1d_targets_group_like_linear_ones() -> None:

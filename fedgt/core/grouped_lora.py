@@ -73,10 +73,11 @@ def grouped_lora(peft_model: peft.PeftModel, factors: Mapping[str, torch.Tensor]
     for module_name, module in lora_modules(peft_model).items():
         a_key, b_key = f"{module_name}.lora_A.weight", f"{module_name}.lora_B.weight"
         scale = module.scaling[adapter]
-        if blocks is not None:
-            a = factors[a_key] if a_key in factors else current[a_key].unsqueeze(0).expand(blocks, -1, -1)
-            b = factors[b_key] if b_key in factors else current[b_key].unsqueeze(0).expand(blocks, -1, -1)
-            hook = _block_hook(a, b, scale, blocks)
+        if blocks is not None:  # the factors of each block's group, (K, r, in) and (K, out, r)
+            k = len(blocks)
+            a = factors[a_key][blocks] if a_key in factors else current[a_key].unsqueeze(0).expand(k, -1, -1)
+            b = factors[b_key][blocks] if b_key in factors else current[b_key].unsqueeze(0).expand(k, -1, -1)
+            hook = _block_hook(a, b, scale, k)
         else:
             a = factors[a_key][groups] if a_key in factors else current[a_key].unsqueeze(0)  # (N|1, r, in)
             b = factors[b_key][groups] if b_key in factors else current[b_key].unsqueeze(0)  # (N|1, out, r)
@@ -90,14 +91,16 @@ def grouped_lora(peft_model: peft.PeftModel, factors: Mapping[str, torch.Tensor]
             h.remove()
 
 
-def _equal_blocks(groups: torch.Tensor) -> int | None:
-    """G when ``groups`` is ``0..0, 1..1, …, G-1..G-1`` in equal blocks (one bmm per layer), else None."""
+def _equal_blocks(groups: torch.Tensor) -> torch.Tensor | None:
+    """Each block's group when ``groups`` is K equal contiguous blocks (one bmm per layer), else None."""
     n = groups.numel()
-    g = int(groups.max()) + 1 if n else 0
-    if g == 0 or n % g:
+    if n == 0:
         return None
-    expected = torch.arange(g, device=groups.device).repeat_interleave(n // g)
-    return g if torch.equal(groups, expected) else None
+    k = int((groups[1:] != groups[:-1]).sum()) + 1
+    if n % k:
+        return None
+    ids = groups[:: n // k]
+    return ids if torch.equal(groups, ids.repeat_interleave(n // k)) else None
 
 
 def _block_hook(a: torch.Tensor, b: torch.Tensor, scale: float, blocks: int):
