@@ -8,6 +8,7 @@
 #                                                    # toy pair (seconds; what the slow test runs)
 #   DROP_SITE=1 SITES=3 SCENARIO="... simulations/site_dropout.toml" bash deploy/loopback.sh runs/drill
 #                                                    # kill -9 site 1 after round 1: the run goes on with 2
+#   NEGATIVE=1 ... bash deploy/loopback.sh           # also: an unregistered node and one without the CA are refused
 # SCENARIO: one or more run-config files, later ones overriding earlier ones. SITE_POLICY: the policy file every
 # site uses (default: written below, DP-SGD with ε <= 8 per round, budget 24, nothing released beyond the update,
 # num-examples and the ε spent; docs/privacy.md). Each site's ledger lives beside its data.
@@ -86,6 +87,24 @@ for i in $(seq 0 $((n - 1))); do
     --node-config "data-path=\"$work/sites/org-$i\" policy=\"$policy\"" > "$work/supernode$i.log" 2>&1 &
   pids+=($!)
 done
+
+# Negative checks (optional): NEGATIVE=1 starts two SuperNodes that must be refused before the run: one whose key was
+# never registered, one that does not trust the federation's CA (no --root-certificates: the system's roots). Each
+# must exit on its own (Flower's exit code 305) without joining; their logs and exit codes go to negative.log.
+if [ -n "${NEGATIVE:-}" ]; then
+  rm -f "$work/keys/rogue" "$work/keys/rogue.pub"
+  ssh-keygen -q -t ecdsa -b 384 -N "" -f "$work/keys/rogue"
+  set +e
+  timeout 120 "$bin/flower-supernode" --root-certificates "$c/ca.crt" --superlink "127.0.0.1:$port" \
+    --auth-supernode-private-key "$work/keys/rogue" --port $((port + 8)) \
+    --node-config "data-path=\"$work/sites/org-0\" policy=\"$policy\"" > "$work/unregistered.log" 2>&1
+  echo "unregistered exit=$?" >> "$work/negative.log"
+  timeout 120 "$bin/flower-supernode" --superlink "localhost:$port" \
+    --auth-supernode-private-key "$work/keys/site0" --port $((port + 9)) \
+    --node-config "data-path=\"$work/sites/org-0\" policy=\"$policy\"" > "$work/no-ca.log" 2>&1
+  echo "no-ca exit=$?" >> "$work/negative.log"
+  set -e
+fi
 
 # Fault drill (optional): DROP_SITE=i kills site i's SuperNode with SIGKILL once round DROP_AFTER_ROUND (default 1)
 # is in the run's metrics, as a site that loses power would vanish.

@@ -104,35 +104,6 @@ def test_quality_benchmark_quick_mode_writes_the_results_shape(fedgt_cache, tmp_
     assert (tmp_path / "quality_quick.md").is_file() and (tmp_path / "quality_quick.png").is_file()
 
 
-@pytest.mark.slow
-def test_loopback_deployment_with_tls_and_supernode_auth(toy_pair, tmp_path) -> None:
-    """deploy/loopback.sh: SuperLink (TLS, registered SuperNodes only) + 2 sites reading their data-path."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
-        pytest.skip("needs openssl and ssh-keygen")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SCENARIO": "simulations/deployment.toml simulations/toy.toml", "SITES": "2",
-           "PORT": "18543"}
-    done = subprocess.run(["bash", "deploy/loopback.sh", str(tmp_path)], cwd=root, env=env, timeout=600,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert len(rows[1]["log"]["accepted"]) == 2 and "public-loss" in rows[2]["eval"]
-    assert (tmp_path / "run" / "llm_adapter" / "adapter_config.json").is_file()
-    # Each site granted DP-SGD within its own policy, spent from a ledger beside its data, and sent nothing else.
-    for i in range(2):
-        ledger = json.loads((tmp_path / "sites" / f"org-{i}" / ".fedgt-ledger" / "ledger.json").read_text())
-        assert len(ledger["rounds"]) == 2 and ledger["budget"] == 24.0
-    for r in rows[1]["log"]["received"] + rows[2]["log"]["received"]:
-        assert r["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]} and r["configs"] == {}
-
-
 def _drill(tmp_path, sites: int, drop: int, rounds: int = 3) -> tuple[int, str, dict, list[dict]]:
     """deploy/loopback.sh with the site-dropout scenario, killing site ``drop`` after round 1."""
     import json

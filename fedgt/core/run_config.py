@@ -128,6 +128,8 @@ class StrategySection:
     coverage_threshold: float = 1.0  # coverage score above which an update is outside the GT's coverage
     accept_rounds: bool = False  # true: keep a round only if the LLM's public validation loss does not get worse
     accept_tolerance: float = 0.0  # ... by more than this (absolute loss)
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the mean TinyLM update (strategies/secagg.py)
+    secagg_clip: float = 8.0  # SecAgg+: each update coordinate is clipped to [-this, this] before quantisation
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,11 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
          "must be a finite number > 0")
     need(s.accept_tolerance >= 0 and math.isfinite(s.accept_tolerance), "strategy.accept-tolerance",
          "must be a finite number >= 0")
+    need(s.secagg_clip > 0 and math.isfinite(s.secagg_clip), "strategy.secagg-clip", "must be a finite number > 0")
+    need(not s.secure_aggregation or (s.mode == "aggregate-then-transform" and s.aggregator == "mean"
+                                      and not s.central_dp and s.rounds != "merge"),
+         "strategy.secure-aggregation", "sums TinyLM updates: it needs strategy.mode = 'aggregate-then-transform', "
+         "strategy.aggregator = 'mean', strategy.central-dp = false and strategy.rounds other than 'merge'")
     ds = cfg.distill
     for key, value in (("prompts-per-teacher", ds.prompts_per_teacher), ("neighbours", ds.neighbours),
                        ("steps", ds.steps), ("batch-size", ds.batch_size)):

@@ -49,6 +49,7 @@ from fedgt.server.report import plot_rounds, results_table
 from fedgt.server.translator import Translator, finetune_from_json, lora_from_json
 from strategies.central_dp import CentralDP
 from strategies.grad_transformer import GradTransformerStrategy, QuorumLost
+from strategies.secagg import run_secagg_rounds
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedgt.server")
@@ -279,8 +280,13 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
             evaluate(0)
         else:
             set_rng_state(resumed["rng"])  # as it was right after the checkpointed round
-        strategy.run_rounds(grid, first_round, cfg.federation.num_server_rounds, cfg.federation.round_timeout_s,
-                            evaluate)
+        if cfg.strategy.secure_aggregation:
+            run_secagg_rounds(strategy, grid, context, first_round, cfg.federation.num_server_rounds, evaluate,
+                              clip=cfg.strategy.secagg_clip, max_weight=float(cfg.strategy.max_num_examples),
+                              timeout=cfg.federation.round_timeout_s)
+        else:
+            strategy.run_rounds(grid, first_round, cfg.federation.num_server_rounds, cfg.federation.round_timeout_s,
+                                evaluate)
     except QuorumLost as err:  # the run ends cleanly: what the finished rounds built is saved below
         stopped = str(err)
         log.error("stopping the federation: %s", stopped)
