@@ -90,7 +90,7 @@ done
 
 # Negative checks (optional): NEGATIVE=1 starts two SuperNodes that must be refused before the run: one whose key was
 # never registered, one that does not trust the federation's CA (no --root-certificates: the system's roots). Each
-# must exit on its own (Flower's exit code 305) without joining; their logs and exit codes go to negative.log.
+# must stop on its own (Flower reports exit code 305) without joining; their logs and exit statuses go to negative.log.
 if [ -n "${NEGATIVE:-}" ]; then
   rm -f "$work/keys/rogue" "$work/keys/rogue.pub"
   ssh-keygen -q -t ecdsa -b 384 -N "" -f "$work/keys/rogue"

@@ -17,8 +17,10 @@ larger ones, so a capable attacker stays inside it). Replies go to the strategy 
 ``aggregate_train`` (validation, weight caps, coverage, aggregation, the GT), built as the ServerApp builds it
 (``fedgt.server.server_app.make_strategy``) with only ``strategy.aggregator`` changed. Scored after one round on
 every organization's test split (pooled LGR in exact match; the attackers' data counts too: the shared LLM serves
-them as well). ``recommended`` is the aggregator whose worst drop from its own clean LGR at the largest fraction
-is smallest.
+them as well). ``recommended``: of the aggregators whose worst drop from their own clean LGR at the largest fraction
+stays within 10 points, the one whose worst LGR under attack is highest (if none stays within, the smallest drop).
+
+    python -m simulations.bench_byzantine --from-json docs/results/byzantine.json   # re-render a saved result
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--name", default=None)
+    p.add_argument("--from-json", type=Path, default=None, help="re-summarise and re-render a saved result")
     args = p.parse_args(argv)
     args.name = args.name or ("byzantine_quick" if args.quick else "byzantine")
     args.seeds = [int(x) for x in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if x]
@@ -120,6 +123,12 @@ def replies(updates: list[tuple[torch.Tensor, dict]], spec) -> list[Message]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        results.update(summarize(results["seeds"], results.get("metric", "lgr-em")))
+        args.from_json.write_text(json.dumps(results, indent=1, default=float))
+        args.from_json.with_suffix(".md").write_text(render(results))
+        return results
     cfg = config_for(args)
     t_start = time.time()
     gt_dir = Path(cfg.gt.checkpoint) if cfg.gt.checkpoint else provide(provider_config_for(cfg))
@@ -232,13 +241,18 @@ def summarize(seeds: dict, metric: str = "lgr-em") -> dict:
             else:
                 kind, fraction = key.split("/")
                 attacks.setdefault(kind, {}).setdefault(fraction, {})[aggregator] = _mean(vals)
-    worst = {}
+    top = max((f for a in attacks.values() for f in a), key=float, default=None)
+    worst, floor = {}, {}
     for aggregator in clean:
-        top = max((f for a in attacks.values() for f in a), key=float, default=None)
-        drops = [clean[aggregator] - a[top][aggregator] for a in attacks.values() if top in a]
-        worst[aggregator] = max(drops) if drops else 0.0
-    recommended = min(worst, key=lambda a: (worst[a], -clean[a])) if worst else None
-    return {"clean": clean, "attacks": attacks, "recommended": recommended, "worst_drop": worst,
+        under = [a[top][aggregator] for a in attacks.values() if top in a]
+        worst[aggregator] = max((clean[aggregator] - x for x in under), default=0.0)
+        floor[aggregator] = min(under, default=clean[aggregator])
+    # Among the aggregators that stay within the target of their clean run, the one whose worst LGR under attack
+    # is highest; if none does, the one that drops least.
+    robust = [a for a in worst if worst[a] <= TARGET_POINTS]
+    recommended = (max(robust, key=lambda a: floor[a]) if robust else min(worst, key=lambda a: (worst[a], -clean[a]))) \
+        if worst else None
+    return {"clean": clean, "attacks": attacks, "recommended": recommended, "worst_drop": worst, "worst_lgr": floor,
             "target_met": bool(recommended is not None and worst[recommended] <= TARGET_POINTS),
             "std_over_seeds": spread}
 
@@ -276,8 +290,9 @@ def render(results: dict) -> str:
         for fraction, row in fractions.items():
             lines.append(f"| {kind} | {fraction} | " + " | ".join(cell(a, f"{kind}/{fraction}", row[a]) for a in aggs)
                          + " |")
-    lines += ["", "| aggregator | worst drop from clean at the largest fraction |", "|---|---|"]
-    lines += [f"| {a} | {100 * results['worst_drop'][a]:.1f} points |" for a in aggs]
+    lines += ["", "| aggregator | worst drop from clean at the largest fraction | worst LGR there |", "|---|---|---|"]
+    lines += [f"| {a} | {100 * results['worst_drop'][a]:.1f} points | {_pct(results['worst_lgr'][a])} |"
+              for a in aggs]
     rec = results["recommended"]
     lines += ["", f"Recommended: **{rec}** (worst drop {100 * results['worst_drop'][rec]:.1f} points; target ≤ "
               f"{100 * TARGET_POINTS:.0f}: {'met' if results['target_met'] else 'missed'}).", "",

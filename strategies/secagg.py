@@ -8,11 +8,14 @@ The workflow drives Flower's legacy strategy API, so ``SecAggFit`` is a thin leg
 ``GradTransformerStrategy.apply`` as the round's one contribution (coverage, GT, server optimizer, round
 acceptance: unchanged).
 
-What SecAgg+ needs, and costs: each coordinate of a site's update is clipped to ``[-clip, clip]``
-(``strategy.secagg-clip``, 8 by default) and quantised to ``quantization_range`` levels (2^22: a step of
-``2 * clip / 2^22`` ≈ 3.8e-6 at clip 8) before masking; a site's weight is ``min(num-examples, max_weight) /
-max_weight``, quantised the same way. Per-update validation (norm bound, NaN checks, coverage of each update,
-weight caps relative to the round's median) is impossible by design: the server never holds an individual update.
+What SecAgg+ needs, and costs: a site with ``n`` examples sends its update scaled by its weight
+``w = min(n, max_weight) / max_weight`` (``max_weight`` = ``strategy.max-num-examples``), each coordinate of that
+clipped to ``[-clip, clip]`` (``strategy.secagg-clip``, 8 by default) and quantised to 2^22 levels (a step of
+``2 * clip / 2^22`` ≈ 3.8e-6 at clip 8) before masking; the server divides the unmasked sum by the sum of the
+weights. In the update's own units the clip is ``clip / w`` and the step ``2 * clip / (2^22 * w)``: a
+``max-num-examples`` far above the sites' sizes loosens the clip and coarsens the quantisation (at 16 examples and
+1000: clip 500, step 2.4e-4). Per-update validation (norm bound, NaN checks, coverage of each update, weight caps
+relative to the round's median) is impossible by design: the server never holds an individual update.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class SecAggFit(Strategy):
         spec = self.strategy.tiny_spec
         mean = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(s)
                 for k, a, s in zip(spec.keys, arrays, spec.shapes, strict=True)}
+        entry["secagg"]["max-abs"] = max(float(np.abs(a).max()) for a in arrays)
+        entry["secagg"]["num-examples"] = [res.num_examples for _, res in ok]  # sent in plain text, as always
         weight = float(sum(min(res.num_examples, self.strategy.max_num_examples) for _, res in ok))
         metrics = _mean_metrics([res.metrics for _, res in ok])
         self.aggregated.add(server_round)

@@ -50,16 +50,21 @@ def test_secure_aggregation_needs_the_mean_of_tinylm_updates() -> None:
 
 
 def test_a_secagg_round_reveals_only_the_sum_and_the_adapter_loads(toy_pair, tmp_path) -> None:
-    """3 organizations, 2 rounds under SecAgg+: no reply holds an update the server can read; the GT runs once."""
+    """3 organizations, 2 rounds under SecAgg+: no reply holds an update the server can read; updates are clipped."""
     from peft import PeftModel
 
     from fedgt.core.models import load_model
 
-    rows = _federate(tmp_path, "secagg")
+    clip, max_weight = 1e-4, 1000  # SecAgg+ clips w_i * u_i (w_i = n_i / max_weight) to [-clip, clip]
+    rows = _federate(tmp_path, "secagg", **{"strategy.secagg-clip": clip, "strategy.max-num-examples": max_weight})
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         log = row["log"]
-        assert log["secagg"] == {"participants": 3, "dropped": 0}
+        assert {k: log["secagg"][k] for k in ("participants", "dropped")} == {"participants": 3, "dropped": 0}
+        # The mean sum(clip(w_i u_i)) / sum(w_i) is at most this bound, and reaches it exactly where every site's
+        # coordinate was clipped: the clip binds (these updates' largest coordinates are far above it).
+        bound = clip * max_weight * 3 / sum(log["secagg"]["num-examples"])
+        assert log["secagg"]["max-abs"] == pytest.approx(bound, rel=1e-3)
         assert log["received"] == [] and log["accepted"] == [0]  # one contribution: the unmasked mean
         assert not log.get("llm-unchanged")
     PeftModel.from_pretrained(load_model(toy_pair[1])[0], str(tmp_path / "secagg" / "llm_adapter"))
@@ -68,9 +73,9 @@ def test_a_secagg_round_reveals_only_the_sum_and_the_adapter_loads(toy_pair, tmp
 @pytest.mark.slow
 def test_secagg_equals_plain_aggregate_then_transform_within_quantisation(toy_pair, tmp_path) -> None:
     """The same federation with and without SecAgg+: the adapters agree up to the [-8, 8] / 2^22 quantisation."""
-    _federate(tmp_path, "secagg")
+    secagg = _federate(tmp_path, "secagg")
     plain = _federate(tmp_path, "plain", **{"strategy.secure-aggregation": False})
-    assert len(plain[1]["log"]["accepted"]) == 3
+    assert len(plain[1]["log"]["accepted"]) == 3 and secagg[1]["log"]["secagg"]["max-abs"] < 8.0
     a, b = _weight_changes(tmp_path / "secagg"), _weight_changes(tmp_path / "plain")
     assert a.keys() == b.keys()
     for k in a:
