@@ -45,16 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedgt.core.data import public_text_domains  # noqa: E402
-from fedgt.core.lora import attach_lora, lora_parameters  # noqa: E402
-from fedgt.core.models import load_model  # noqa: E402
 from fedgt.core.org_data import simulated_organizations  # noqa: E402
 from fedgt.core.run_config import FedConfig  # noqa: E402
-from fedgt.core.updates import spec_of, unflatten  # noqa: E402
+from fedgt.core.updates import unflatten  # noqa: E402
 from fedgt.org.release import release  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
 from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
 from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
-from fedgt.server.server_app import consolidator, make_strategy  # noqa: E402
+from fedgt.server.server_app import _model_state, consolidator, make_strategy  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
 from simulations.bench_strategies import BENCH_POLICY, _client, _init, config_for  # noqa: E402
 
@@ -161,11 +159,7 @@ def run_seed(args, cfg: FedConfig, gt_dir: Path, workers) -> dict:
     tiny_name, llm_name = (resolve_model(n) for n in cfg.model_names())
     lora = cfg.lora_settings()
     translator = Translator(gt_dir, cfg.gt.device, tiny_model=tiny_name)
-    tiny_model = attach_lora(load_model(tiny_name)[0], lora)
-    llm_model = attach_lora(load_model(llm_name)[0], lora)
-    tiny = (spec_of(tiny_model), lora_parameters(tiny_model))
-    llm = (spec_of(llm_model), lora_parameters(llm_model))
-    del tiny_model, llm_model
+    tiny, llm = _model_state(tiny_name, lora), _model_state(llm_name, lora)  # (update spec, seeded LoRA init)
     n = cfg.federation.num_organizations
     orgs = list(simulated_organizations(cfg, n))
     public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]

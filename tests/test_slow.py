@@ -263,6 +263,22 @@ def test_federation_on_an_existing_ray_cluster(toy_pair, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_byzantine_benchmark_quick_mode_writes_the_results_shape(fedgt_cache, tmp_path) -> None:
+    import json
+
+    from simulations import bench_byzantine
+
+    bench_byzantine.main(["--quick", "--out", str(tmp_path), "--aggregators", "mean,trimmed_mean"])
+    r = json.loads((tmp_path / "byzantine_quick.json").read_text())
+    assert set(r["clean"]) == {"mean", "trimmed_mean"} and r["recommended"] in r["clean"]
+    assert set(r["attacks"]) == set(bench_byzantine.ATTACKS)
+    assert all(set(f) == {"0.1", "0.2"} and all(set(x) == set(r["clean"]) for x in f.values())
+               for f in r["attacks"].values())
+    seed = r["seeds"]["0"]
+    assert len(seed["attackers"]["0.1"]) == 1 and len(seed["attackers"]["0.2"]) == 2
+
+
+@pytest.mark.slow
 def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
     import json
 
