@@ -80,30 +80,45 @@ def cmd_org_demo(args: argparse.Namespace) -> None:
     run_org_demo(args, lora_settings(args), finetune_config(args), dp_config(args))
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    """Run-config overrides from --scenario FILE, --orgs, --rounds and --set k=v (later wins)."""
+def _layers(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """Run-config overrides by source: --scenario FILE, --orgs, --rounds, --set k=v (later wins)."""
     import tomllib
 
     from fedgt.core.run_config import _flatten
 
-    out: dict = {}
+    layers: list[tuple[str, dict]] = []
     if args.scenario is not None:
         if not args.scenario.is_file():
             raise FileNotFoundError(f"--scenario {args.scenario} not found")
-        out.update(_flatten(tomllib.loads(args.scenario.read_text())))
+        layers.append((f"scenario {args.scenario}", _flatten(tomllib.loads(args.scenario.read_text()))))
     if args.orgs is not None:
-        out["federation.num-organizations"] = args.orgs
+        layers.append(("--orgs", {"federation.num-organizations": args.orgs}))
     if args.rounds is not None:
-        out["num-server-rounds"] = args.rounds
+        layers.append(("--rounds", {"num-server-rounds": args.rounds}))
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected key=value")
         try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
+            layers.append(("--set", {key: tomllib.loads(f"v = {value}")["v"]}))
         except tomllib.TOMLDecodeError:
-            out[key] = value  # a bare string
+            layers.append(("--set", {key: value}))  # a bare string
+    return layers
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Run-config overrides from --scenario FILE, --orgs, --rounds and --set k=v (later wins)."""
+    out: dict = {}
+    for _, values in _layers(args):
+        out.update(values)
     return out
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    from fedgt.run.config_show import effective_config, recorded_config, render
+
+    rows = recorded_config(args.app, args.run) if args.run else effective_config(args.app, _layers(args))
+    print(render(rows))
 
 
 def run_dir(out: Path | None, name: str, resume: bool = False) -> Path:
@@ -401,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="continue the run in --out (default runs/federate/latest) after its last good round")
             p.add_argument("--ray-address", help="run the organizations on an existing Ray cluster (host:port)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("config", help="the run config: `fedgt config show` prints every key's effective value and "
+                                      "where it came from (default, scenario, flag, or a finished run)")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--app", type=Path, default=Path("."), help="the Flower app directory (its pyproject.toml)")
+    p.add_argument("--scenario", type=Path, help="a run-config TOML file, e.g. simulations/dp_sgd.toml")
+    p.add_argument("--orgs", type=int, help="federation.num-organizations (simulation: num-supernodes)")
+    p.add_argument("--rounds", type=int, help="num-server-rounds")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+    p.add_argument("--run", type=Path, help="instead: the config a finished run recorded (its output folder)")
+    p.set_defaults(func=cmd_config_show)
     return parser
 
 
