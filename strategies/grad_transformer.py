@@ -51,6 +51,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -58,7 +59,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedgt.core.identity import to_config
 from fedgt.core.lora import LoraSettings
-from fedgt.core.run_config import COVERAGE_KEY, OUT_OF_COVERAGE
+from fedgt.core.run_config import COVERAGE_KEY, OUT_OF_COVERAGE, FederationSection, GTSection, StrategySection
 from fedgt.core.updates import (
     UpdateError,
     UpdateSpec,
@@ -83,18 +84,29 @@ Contribution = tuple[int, torch.Tensor, float, dict]  # (node id, TinyLM update 
 Distill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MERGE_METHODS = ("task_arithmetic", "ties", "dare")
 Coverage = Callable[[torch.Tensor], torch.Tensor]  # (B, Ls, Ds) TinyLM tokens as the GT reads them -> (B,) scores
+_S = StrategySection  # every knob's default is the run config's (one definition: fedgt.core.run_config)
 PublicLoss = Callable[[GlobalAdapter, dict[str, torch.Tensor] | None], float]  # the LLM (adapter, dense change)
 
 
-def describe_reply(msg: Message) -> dict:
-    """Everything a reply carried, by name and shape (values left out): what crossed the network to the server."""
+def describe_reply(msg: Message, sent_at: float | None = None) -> dict:
+    """Everything a reply carried: tensor names, shapes and payload bytes, the metrics released (names and values).
+
+    ``seconds``: from the round's request (``sent_at``, server clock) to the reply's creation (site clock), the site's
+    time for the round as the server sees it, queueing and fine-tuning included.
+    """
     if msg.has_error():
         return {"node": msg.metadata.src_node_id, "error": True}
     c = msg.content
-    return {"node": msg.metadata.src_node_id,
-            "arrays": {name: {k: list(a.shape) for k, a in rec.items()} for name, rec in c.array_records.items()},
-            "metrics": {name: sorted(rec.keys()) for name, rec in c.metric_records.items()},
-            "configs": {name: dict(rec) for name, rec in c.config_records.items()}}
+    out = {"node": msg.metadata.src_node_id,
+           "arrays": {name: {k: list(a.shape) for k, a in rec.items()} for name, rec in c.array_records.items()},
+           "bytes": sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for rec in c.array_records.values()
+                        for a in rec.values()),
+           "metrics": {name: sorted(rec.keys()) for name, rec in c.metric_records.items()},
+           "values": {name: dict(rec) for name, rec in c.metric_records.items()},
+           "configs": {name: dict(rec) for name, rec in c.config_records.items()}}
+    if sent_at is not None and msg.metadata.created_at:
+        out["seconds"] = max(0.0, msg.metadata.created_at - sent_at)
+    return out
 
 
 def _reject_code(err: Exception) -> str:
@@ -121,16 +133,17 @@ class GradTransformerStrategy(FedAvg):
 
     def __init__(self, *, translate: Translate, tiny_spec: UpdateSpec, llm_spec: UpdateSpec,
                  tiny_init: dict[str, torch.Tensor], llm_init: dict[str, torch.Tensor], lora: LoraSettings,
-                 mode: str = "transform-then-aggregate", aggregator: str = "mean", trim_beta: float = 0.1,
-                 norm_bound: float = 1.0, rounds: str = "merge", server_opt: ServerOptimizer | None = None,
-                 central_dp: CentralDP | None = None, max_update_norm: float = 100.0, gt_batch_size: int = 16,
-                 space: str = "factors", tiny_identity: Mapping[str, str] | None = None,
-                 max_num_examples: float = math.inf, merge_scale: float = 1.0, density: float = 0.5,
-                 distill: Distill | None = None, coverage: Coverage | None = None, out_of_coverage: str = "skip",
-                 coverage_threshold: float = 1.0, public_loss: PublicLoss | None = None,
-                 accept_tolerance: float = 0.0, max_weight_ratio: float = math.inf,
-                 norm_bound_mode: str = "relative", min_replies: int = 1, wait_s: float = math.inf,
-                 **fedavg_kwargs):
+                 mode: str = _S.mode, aggregator: str = _S.aggregator, trim_beta: float = _S.trim_beta,
+                 norm_bound: float = _S.norm_bound, rounds: str = _S.rounds, server_opt: ServerOptimizer | None = None,
+                 central_dp: CentralDP | None = None, max_update_norm: float = _S.max_update_norm,
+                 gt_batch_size: int = GTSection.batch_size, space: str = _S.space,
+                 tiny_identity: Mapping[str, str] | None = None, max_num_examples: float = _S.max_num_examples,
+                 merge_scale: float = _S.merge_scale, density: float = _S.density, distill: Distill | None = None,
+                 coverage: Coverage | None = None, out_of_coverage: str = _S.out_of_coverage,
+                 coverage_threshold: float = _S.coverage_threshold, public_loss: PublicLoss | None = None,
+                 accept_tolerance: float = _S.accept_tolerance, max_weight_ratio: float = _S.max_weight_ratio,
+                 norm_bound_mode: str = _S.norm_bound_mode, min_replies: int = FederationSection.min_replies,
+                 wait_s: float = FederationSection.wait_s, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         if out_of_coverage not in OUT_OF_COVERAGE:
             raise ValueError(f"strategy.out-of-coverage must be one of {OUT_OF_COVERAGE}, got {out_of_coverage!r}")
@@ -170,7 +183,7 @@ class GradTransformerStrategy(FedAvg):
         self.tiny = GlobalAdapter(tiny_spec, tiny_init, lora, "merge" if rounds == "merge" else "naive")
         self.llm = GlobalAdapter(llm_spec, llm_init, lora, "merge" if rounds == "merge" else "naive")
         self.mode, self.aggregator, self.trim_beta, self.norm_bound = mode, aggregator, trim_beta, norm_bound
-        self.server_opt = server_opt or ServerOptimizer("none")
+        self.server_opt = server_opt or ServerOptimizer(_S.server_opt, lr=_S.server_lr)
         self.central_dp, self.max_update_norm, self.gt_batch_size = central_dp, max_update_norm, gt_batch_size
         if not max_num_examples >= 1:
             raise ValueError(f"strategy.max-num-examples must be >= 1, got {max_num_examples}")
@@ -186,6 +199,7 @@ class GradTransformerStrategy(FedAvg):
         self.min_replies, self.wait_s = min_replies, wait_s
         self.expected_participants: dict[int, float] = {}  # central DP: q * N per round, fixed before replies
         self._round = 0
+        self._sent_at: float | None = None  # when the current round's requests went out (server clock)
         self.round_log: dict[int, dict] = {}
         # The TinyLM identity (fedgt.core.identity) every train message carries, so sites can refuse another TinyLM.
         self.tiny_identity = dict(tiny_identity) if tiny_identity else None
@@ -288,7 +302,7 @@ class GradTransformerStrategy(FedAvg):
                 continue
             accepted.append((node, tokens, weight, metrics))
         entry = {"round": server_round, "replies": len(replies), "rejected": rejected, "declined": declined,
-                 "received": [describe_reply(m) for m in replies]}
+                 "received": [describe_reply(m, self._sent_at) for m in replies]}
         return self.apply(server_round, accepted, entry, t0)
 
     def apply(self, server_round: int, accepted: list[Contribution], entry: dict | None = None,
@@ -418,6 +432,7 @@ class GradTransformerStrategy(FedAvg):
         for rnd in range(first_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", rnd, num_rounds)
             messages = self.configure_train(rnd, self.current_arrays(), ConfigRecord(dict(train_config or {})), grid)
+            self._sent_at = time.time()
             self.aggregate_train(rnd, grid.send_and_receive(messages=messages, timeout=timeout))
             evaluate_fn(rnd)
 

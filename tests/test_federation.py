@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,11 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     for r in first["received"]:
         assert r["arrays"] == {"arrays": shapes} and r["configs"] == {}
         assert r["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]}
+        assert r["bytes"] == 4 * sum(math.prod(s) for s in spec.shapes)  # float32 payload
+        assert sorted(r["values"]["metrics"]) == r["metrics"]["metrics"] and 0 <= r["seconds"] < 600
+    # The run's report shows each organization's ε ledger over both rounds (what each reported).
+    ledger = re.search(r"<table id=ledger>(.*?)</table>", (out / "report.html").read_text()).group(1)
+    assert ledger.count("<tr>") == 3 and "round 2" in ledger
     for r in second["received"]:
         assert r["arrays"] == {} and set(r["configs"]) == {"decline"} and list(r["configs"]["decline"]) == ["reason"]
         assert r["metrics"] == {"metrics": ["declined", "dp-epsilon-total", "num-examples"]}

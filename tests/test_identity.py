@@ -180,7 +180,8 @@ def test_every_train_message_carries_the_identity(toy_dir, monkeypatch) -> None:
     spec = UpdateSpec.from_parameters(init)
     identity = model_identity(toy_dir, LORA)
     strategy = GradTransformerStrategy(translate=lambda x: x, tiny_spec=spec, llm_spec=spec, tiny_init=init,
-                                       llm_init=init, lora=LORA, tiny_identity=identity, min_available_nodes=2)
+                                       llm_init=init, lora=LORA, tiny_identity=identity, min_available_nodes=2,
+                                       aggregator="mean")
     messages = list(strategy.configure_train(1, strategy.current_arrays(), ConfigRecord({}), Grid()))
     assert len(messages) == 2
     assert all(from_config(m.content.config_records["config"]) == identity for m in messages)

@@ -68,6 +68,7 @@ def test_a_secagg_round_reveals_only_the_sum_and_the_adapter_loads(toy_pair, tmp
         assert log["received"] == [] and log["accepted"] == [0]  # one contribution: the unmasked mean
         assert not log.get("llm-unchanged")
     PeftModel.from_pretrained(load_model(toy_pair[1])[0], str(tmp_path / "secagg" / "llm_adapter"))
+    assert "3 organizations under SecAgg+" in (tmp_path / "secagg" / "report.html").read_text()  # written by the run
 
 
 @pytest.mark.slow

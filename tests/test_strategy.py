@@ -49,9 +49,15 @@ def good(node: int, upd: dict, n: int) -> Message:
     return reply(node, RecordDict({"arrays": to_array_record(upd, SPEC), "metrics": MetricRecord({"num-examples": n})}))
 
 
+# What these unit tests exercise unless they say otherwise: one plain mean of LoRA factors, folded in each round,
+# weights taken as reported, a round made by any one reply (the run config's defaults are in tests/test_one_config).
+UNIT = {"aggregator": "mean", "rounds": "merge", "space": "factors", "max_num_examples": math.inf,
+        "max_weight_ratio": math.inf, "min_replies": 1}
+
+
 def strategy(**kw) -> GradTransformerStrategy:
     return GradTransformerStrategy(translate=lambda x: x.clone(), tiny_spec=SPEC, llm_spec=SPEC, tiny_init=INIT,
-                                   llm_init=INIT, lora=LoraSettings(), **kw)
+                                   llm_init=INIT, lora=LoraSettings(), **{**UNIT, **kw})
 
 
 def test_identity_map_equals_flower_fedavg_of_the_updates() -> None:
@@ -196,7 +202,7 @@ def test_retranslate_feeds_the_gt_the_adapter_relative_to_the_init() -> None:
     seen = []
     s = GradTransformerStrategy(translate=lambda x: seen.append(x.clone()) or torch.zeros_like(x), tiny_spec=SPEC,
                                 llm_spec=SPEC, tiny_init=INIT, llm_init=INIT, lora=LoraSettings(),
-                                rounds="retranslate", mode="aggregate-then-transform")
+                                **{**UNIT, "rounds": "retranslate", "mode": "aggregate-then-transform"})
     s.aggregate_train(1, [good(1, update(1), 10)])
     s.aggregate_train(2, [good(1, update(2), 10)])
     expected = flatten({k: update(1)[k] + update(2)[k] for k in KEYS}, SPEC)

@@ -55,19 +55,19 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class LoraSection:
-    r: int = 2
-    alpha: int = 32
-    targets: str = "q_proj,v_proj"
-    init_seed: int = 42
+    r: int = LoraSettings.r
+    alpha: int = LoraSettings.alpha
+    targets: str = ",".join(LoraSettings.target_modules)
+    init_seed: int = LoraSettings.init_seed
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 100
-    lr: float = 3e-3
-    batch_size: int = 16
-    max_length: int = 96
-    seed: int = 0
+    steps: int = FinetuneConfig.steps
+    lr: float = FinetuneConfig.lr
+    batch_size: int = FinetuneConfig.batch_size
+    max_length: int = FinetuneConfig.max_length
+    seed: int = FinetuneConfig.seed
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class DPSection:
 
     mode: str = "none"  # none | dp-sgd | update
     epsilon: float = 8.0  # per round: DP-SGD target of one round's fine-tune, or ε of one update release
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0  # dp-sgd per-sample clip
-    update_clip: float = 1.0  # update-mode L2 clip
+    delta: float = DPConfig.delta
+    max_grad_norm: float = DPConfig.max_grad_norm  # dp-sgd per-sample clip
+    update_clip: float = DPConfig.update_clip  # update-mode L2 clip
 
 
 @dataclass(frozen=True)

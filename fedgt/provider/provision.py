@@ -23,7 +23,7 @@ from fedgt.core.identity import model_identity
 from fedgt.core.lora import LoraSettings
 from fedgt.core.manifest import write_manifest
 from fedgt.core.models import cache_dir
-from fedgt.core.run_config import FedConfig
+from fedgt.core.run_config import FedConfig, GTSection
 from fedgt.provider.prompt_pool import save_prompt_pool
 from fedgt.provider.shipped import install
 
@@ -37,14 +37,14 @@ class ProviderConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tiny_dp: DPConfig = DPConfig()  # curate the TinyLM side under the organizations' DP-SGD settings
-    shadow_domains: int = 64
+    shadow_domains: int = GTSection.shadow_domains
     n_examples: int = 128
     probes: int = 32
-    epochs: int = 12
+    epochs: int = GTSection.epochs
     examples_per_pair: int = 4  # GT functional loss: shadow examples per pair per step (train_gt.TrainConfig)
     same_val_domains: int = 16  # training domains re-tuned on other examples to validate the GT (same_val)
     d_model: int = 256
-    anchor_k: int = 0  # > 0: the GT is residual on the k nearest shadow updates (grad_transformer.GTConfig)
+    anchor_k: int = GTSection.anchor_k  # > 0: residual on the k nearest shadow updates (grad_transformer.GTConfig)
     seed: int = 0
     workers: int = 2
 

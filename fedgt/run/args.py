@@ -1,4 +1,8 @@
-"""Command-line flags shared by ``fedgt`` subcommands and the demo, parsed into typed configs."""
+"""Command-line flags shared by ``fedgt`` subcommands and the demo, parsed into typed configs.
+
+Every default is the run config's (``fedgt.core.run_config``): a flag and the run-config key it mirrors never
+disagree (``--steps`` is ``train.steps``, ``--lora-r`` is ``lora.r``, ``--n-train`` is ``data.n-train``, ...).
+"""
 
 from __future__ import annotations
 
@@ -8,39 +12,41 @@ from pathlib import Path
 from fedgt.core.dp import DP_MODES, DPConfig
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
+from fedgt.core.run_config import DataSection, DPSection, LoraSection, TrainSection
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=2)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
-    g.add_argument("--lora-init-seed", type=int, default=42)
+    g.add_argument("--lora-r", type=int, default=LoraSection.r)
+    g.add_argument("--lora-alpha", type=int, default=LoraSection.alpha)
+    g.add_argument("--lora-targets", default=LoraSection.targets, help="comma-separated module names")
+    g.add_argument("--lora-init-seed", type=int, default=LoraSection.init_seed)
     g.add_argument("--lora-freeze-a", action="store_true", help="LoRA-FA: train B only, A stays at its seeded init")
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--steps", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--max-length", type=int, default=96)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=TrainSection.steps)
+    g.add_argument("--lr", type=float, default=TrainSection.lr)
+    g.add_argument("--batch-size", type=int, default=TrainSection.batch_size)
+    g.add_argument("--max-length", type=int, default=TrainSection.max_length)
+    g.add_argument("--seed", type=int, default=TrainSection.seed)
     d = p.add_argument_group("differential privacy")
-    d.add_argument("--dp-mode", choices=DP_MODES, default="none")
+    d.add_argument("--dp-mode", choices=DP_MODES, default=DPSection.mode)
     d.add_argument("--epsilon", type=float, default=None, help="dp-sgd: target ε of the run; update: ε of the release")
-    d.add_argument("--delta", type=float, default=1e-5)
+    d.add_argument("--delta", type=float, default=DPSection.delta)
     d.add_argument("--noise-multiplier", type=float, default=None, help="dp-sgd: σ instead of --epsilon")
-    d.add_argument("--max-grad-norm", type=float, default=1.0, help="dp-sgd per-sample clip")
-    d.add_argument("--update-clip", type=float, default=1.0, help="update mode: L2 clip of the update")
+    d.add_argument("--max-grad-norm", type=float, default=DPSection.max_grad_norm, help="dp-sgd per-sample clip")
+    d.add_argument("--update-clip", type=float, default=DPSection.update_clip,
+                   help="update mode: L2 clip of the update")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--domain", help="a task domain name (see `fedgt domains`)")
     g.add_argument("--data", type=Path, help="a folder of .txt / .jsonl files (your own data)")
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-test", type=int, default=128)
+    p.add_argument("--n-train", type=int, default=DataSection.n_train)
+    p.add_argument("--n-test", type=int, default=DataSection.n_test)
 
 
 def lora_settings(args: argparse.Namespace) -> LoraSettings:

@@ -13,6 +13,10 @@ import torch
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.lora import LoraSettings
 from fedgt.core.models import DERIVED, PAIRS, PRESETS
+from fedgt.core.run_config import GTSection, TrainSection
+from fedgt.provider.grad_transformer import GTConfig
+from fedgt.provider.provision import ProviderConfig
+from fedgt.provider.train_gt import TrainConfig
 from fedgt.run.args import (
     add_data_args,
     add_finetune_args,
@@ -112,6 +116,16 @@ def _overrides(args: argparse.Namespace) -> dict:
     for _, values in _layers(args):
         out.update(values)
     return out
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from fedgt.server.compare_report import compare
+    from fedgt.server.html_report import write_report
+
+    if len(args.runs) == 1 and args.runs[0].suffix != ".json":
+        print(write_report(args.runs[0]))
+    else:
+        print(compare(args.runs, args.out))
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -243,19 +257,26 @@ def cmd_curate(args: argparse.Namespace) -> None:
           f"{manifest['wall_seconds']:.0f} s wall in total")
 
 
+def train_gt_anchor_k(args: argparse.Namespace) -> int:
+    """--anchor-k, or gt.anchor-k's default where the GT can be residual (kind gt, parallel decoder), else 0."""
+    if args.anchor_k is not None:
+        return args.anchor_k
+    return GTSection.anchor_k if args.kind == "gt" and args.decoder == "parallel" else 0
+
+
 def cmd_train_gt(args: argparse.Namespace) -> None:
     from fedgt.core.judge import LLMJudge
     from fedgt.provider.grad_transformer import best_device
     from fedgt.provider.public_data import shadow_domains
     from fedgt.provider.shadow import load_pairs
-    from fedgt.provider.train_gt import TrainConfig, gt_config_for, train_gt
+    from fedgt.provider.train_gt import gt_config_for, train_gt
 
     pairs = load_pairs(args.pairs)
     cfg = pairs.manifest["config"]
     lora = LoraSettings(**{**cfg["lora"], "target_modules": tuple(cfg["lora"]["target_modules"])})
     gcfg = gt_config_for(pairs, kind=args.kind, decoder="autoregressive" if args.kind == "paper_gt" else args.decoder,
                          d_model=args.d_model, enc_layers=args.layers, dec_layers=args.layers, ffn=2 * args.d_model,
-                         anchor_k=args.anchor_k)
+                         anchor_k=train_gt_anchor_k(args))
     tcfg = TrainConfig(objective=args.objective, select_on=args.select_on, epochs=args.epochs, lr=args.gt_lr,
                        batch_size=args.gt_batch_size, patience=args.patience, seed=args.seed)
     device = args.device or str(best_device())
@@ -335,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="loss, perplexity and exact match of a model (optionally with an adapter)")
     p.add_argument("--model", default="tinylm")
     p.add_argument("--adapter", type=Path, help="a peft adapter directory saved by `fedgt finetune`")
-    p.add_argument("--max-length", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=TrainSection.max_length)
+    p.add_argument("--seed", type=int, default=TrainSection.seed)
     add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -347,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", type=int, default=None, help="how many built-in shadow domains (default all)")
     p.add_argument("--shadow-data", type=Path, help="your shadow domains: one subfolder of files per domain")
     p.add_argument("--no-builtin-shadow", action="store_true", help="use only --shadow-data")
-    p.add_argument("--n-examples", type=int, default=128, help="examples per shadow subset")
+    p.add_argument("--n-examples", type=int, default=ProviderConfig.n_examples, help="examples per shadow subset")
     p.add_argument("--snapshots", default=None, help="comma-separated snapshot steps (default 60,70,80,90,100)")
     p.add_argument("--tiny-dp-epsilon", type=float, default=None, help="curate the TinyLM side under DP-SGD at this ε")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=ProviderConfig.workers)
     add_lora_args(p)
     add_finetune_args(p)
     p.set_defaults(func=cmd_curate)
@@ -360,17 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/gt"))
     p.add_argument("--kind", choices=["gt", "paper_gt"], default="gt")
     p.add_argument("--decoder", choices=["parallel", "autoregressive"], default="parallel")
-    p.add_argument("--objective", choices=["functional", "mse", "mix"], default="functional")
-    p.add_argument("--select-on", choices=["functional", "mse"], default="functional")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
-    p.add_argument("--anchor-k", type=int, default=0,
-                   help="> 0: predict a correction to the mean of the k nearest shadow updates (parallel decoder)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--gt-lr", type=float, default=1e-3)
-    p.add_argument("--gt-batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--same-val-domains", type=int, default=16,
+    p.add_argument("--objective", choices=["functional", "mse", "mix"], default=TrainConfig.objective)
+    p.add_argument("--select-on", choices=["functional", "mse"], default=TrainConfig.select_on)
+    p.add_argument("--d-model", type=int, default=ProviderConfig.d_model)
+    p.add_argument("--layers", type=int, default=GTConfig.enc_layers, help="encoder and decoder layers each")
+    p.add_argument("--anchor-k", type=int, default=None,
+                   help="> 0: predict a correction to the mean of the k nearest shadow updates (default gt.anchor-k "
+                        f"= {GTSection.anchor_k} for the parallel decoder, else 0)")
+    p.add_argument("--epochs", type=int, default=GTSection.epochs, help="default: gt.epochs")
+    p.add_argument("--gt-lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--gt-batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--same-val-domains", type=int, default=ProviderConfig.same_val_domains,
                    help="training domains re-tuned on other public examples to validate on (0: held-out domains only)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     p.add_argument("--shadow-data", type=Path, help="the same --shadow-data given to `fedgt curate`")
@@ -427,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
     p.add_argument("--run", type=Path, help="instead: the config a finished run recorded (its output folder)")
     p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("report", help="one run folder: write RUN/report.html (every run writes it at its end); "
+                                      "several, or a bench_strategies .json: a comparison page")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="output folders of fedgt runs, or one "
+                                                                     "bench_strategies result .json")
+    p.add_argument("--out", type=Path, help="where the comparison page goes (default comparison.html; for a .json: "
+                                                "next to it)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -10,6 +10,11 @@ def _mean(rows: list[dict] | None, key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def mean_scores(scores: list[dict] | None) -> dict[str, float]:
+    """The mean of each score over organizations (e.g. the ceiling's loss and exact match); {} for none."""
+    return {k: v for k in ("loss", "exact_match") if (v := _mean(scores, k)) is not None}
+
+
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None or x != x:  # missing or NaN (e.g. LGR when the ceiling does not move)
         return "-"

@@ -3,11 +3,11 @@
 Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-run<id>``): ``metrics.jsonl``
 (one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why, each
 update's coverage score and whether the round was accepted), ``metrics.png``, ``results.md`` (the table the demo
-prints), ``checkpoints/round-N.pt`` and the final LLM as a peft adapter in ``llm_adapter/``
-(``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with ``output.merged``). Each organization's own
-LLM (transform-then-aggregate) is saved next to it: ``org_adapters/<node>/own`` (the GT's image of its last update
-alone) and ``org_adapters/<node>/on_shared`` (on top of the shared LLM), for multi-LoRA serving; both are
-post-processing of what the organization released.
+prints), ``report.html`` (the run on one self-contained page), ``checkpoints/round-N.pt`` and the final LLM as a
+peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
+``output.merged``). Each organization's own LLM (transform-then-aggregate) is saved next to it:
+``org_adapters/<node>/own`` (the GT's image of its last update alone) and ``org_adapters/<node>/on_shared`` (on top
+of the shared LLM), for multi-LoRA serving; both are post-processing of what the organization released.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from fedgt.server.checkpoint import (
 from fedgt.server.consolidate import Consolidator, DistillConfig
 from fedgt.server.evaluation import LLMEvaluator
 from fedgt.server.global_adapter import save_dense_peft
-from fedgt.server.report import plot_rounds, results_table
+from fedgt.server.html_report import write_report
+from fedgt.server.report import mean_scores, plot_rounds, results_table
 from fedgt.server.translator import Translator, finetune_from_json, lora_from_json
 from strategies.central_dp import CentralDP
 from strategies.grad_transformer import GradTransformerStrategy, QuorumLost
@@ -296,8 +297,8 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         "wall_s": wall, "server_peak_rss_mb": peak_mb, "rounds": cfg.federation.num_server_rounds,
         "organizations": n_orgs, "final": rows[-1]["eval"] if rows else {}, "stopped": stopped,
         "rounds_completed": max((r["round"] for r in rows), default=0),
-        "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0}}, indent=1,
-        default=float))
+        "server_s_per_round": {r["round"]: r["log"].get("server_s") for r in rows if r["round"] > 0},
+        "ceiling": mean_scores(evaluator.ceiling)}, indent=1, default=float))
     change = strategy.llm_weight_change()
     adapter = strategy.llm.save_peft(llm_name, out / "llm_adapter", merged_copy=cfg.output.merged) if change is None \
         else save_dense_peft(change, llm_name, lora, out / "llm_adapter", merged_copy=cfg.output.merged)
@@ -310,5 +311,6 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
                                     + (f"Per-organization adapters: {out / 'org_adapters'}\n" if org_adapters else ""))
     if rows:
         plot_rounds(rows, ceiling, out / "metrics.png")
+    write_report(out)
     print(table, flush=True)
-    print(f"outputs: {out}", flush=True)
+    print(f"outputs: {out} (open report.html)", flush=True)
