@@ -60,6 +60,7 @@ from fedgt.provider.prompt_pool import PromptPool  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
 from fedgt.provider.public_data import task_shadow_domains  # noqa: E402
 from fedgt.provider.shadow import load_pairs  # noqa: E402
+from fedgt.server.compare_report import compare  # noqa: E402
 from fedgt.server.consolidate import Consolidator, DistillConfig  # noqa: E402
 from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
 from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
@@ -228,6 +229,7 @@ def main(argv=None) -> dict:
     (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1, default=float))
     (args.out / f"{args.name}.md").write_text(render(results))
     plot(results, args.out / f"{args.name}.png")
+    compare([args.out / f"{args.name}.json"])  # {name}.html: the strategies on one comparison page
     print(render(results))
     return results
 

@@ -39,7 +39,8 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     # Sites that require DP-SGD at ε <= 4, budget 5, and release nothing but the update, num-examples and ε.
     # Their DP-SGD updates (16 examples each) lie far outside the toy GT's coverage (curated on 128 examples per
     # domain): applied anyway here, and no acceptance test, so the round's LLM and adapters are checked.
-    overrides = _flat(toy_overrides(**{"output": {"dir": str(out)}, "dp": {"mode": "dp-sgd", "epsilon": 4.0},
+    overrides = _flat(toy_overrides(**{"output": {"dir": str(out), "tracking": "tensorboard"},
+                                       "dp": {"mode": "dp-sgd", "epsilon": 4.0},
                                        "sim-sites": {"dp-mode": "dp-sgd", "max-epsilon": 4.0, "budget": 5.0,
                                                      "release": ""},
                                        "strategy": {"out-of-coverage": "apply", "accept-rounds": False}}))
@@ -71,6 +72,13 @@ def test_two_rounds_two_organizations_with_flwr_run(toy_pair, tmp_path) -> None:
     # The run's report shows each organization's ε ledger over both rounds (what each reported).
     ledger = re.search(r"<table id=ledger>(.*?)</table>", (out / "report.html").read_text()).group(1)
     assert ledger.count("<tr>") == 3 and "round 2" in ledger
+    # ... and output.tracking wrote the same rounds as TensorBoard events.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("llm/org-loss")] == [0, 1, 2]
+    assert events.Scalars("llm/org-loss")[1].value == pytest.approx(rows[1]["eval"]["org-loss"])
     for r in second["received"]:
         assert r["arrays"] == {} and set(r["configs"]) == {"decline"} and list(r["configs"]["decline"]) == ["reason"]
         assert r["metrics"] == {"metrics": ["declined", "dp-epsilon-total", "num-examples"]}

@@ -9,6 +9,7 @@ a wrong type or a bad value raises ``ConfigError`` naming the key, before any ro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ SETTINGS = ("same_distribution", "held_out_combination", "held_out_family")
 PARTITIONS = ("domain", "iid", "dirichlet")
 OUT_OF_COVERAGE = ("skip", "shrink", "apply")
 NORM_BOUND_MODES = ("relative", "absolute")
+TRACKERS = ("", "tensorboard")
 COVERAGE_KEY = "coverage-last-round"  # a train message's config: the coverage score of the node's previous update
 
 
@@ -170,6 +172,7 @@ class OutputSection:
     merged: bool = False  # also save a merged copy of the final LLM
     org_adapters: bool = True  # also save each organization's own LLM adapter (alone and on the shared LLM)
     resume: bool = False  # continue the run in output.dir from its last good checkpoint (else a used dir is refused)
+    tracking: str = ""  # "" | tensorboard: also log each round's scalars to <output.dir>/tensorboard (tracking extra)
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,9 @@ def _check(cfg: FedConfig, check_paths: bool = True) -> None:
     need(s.merge_scale > 0 and math.isfinite(s.merge_scale), "strategy.merge-scale", "must be a finite number > 0")
     need(0 < s.density <= 1, "strategy.density", "must be in (0, 1]")
     need(s.out_of_coverage in OUT_OF_COVERAGE, "strategy.out-of-coverage", f"must be one of {OUT_OF_COVERAGE}")
+    need(cfg.output.tracking in TRACKERS, "output.tracking", f"must be one of {TRACKERS}")
+    need(not check_paths or cfg.output.tracking != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "output.tracking", "needs the tensorboard package: pip install -e '.[tracking]'")
     need(s.coverage_threshold > 0 and math.isfinite(s.coverage_threshold), "strategy.coverage-threshold",
          "must be a finite number > 0")
     need(s.accept_tolerance >= 0 and math.isfinite(s.accept_tolerance), "strategy.accept-tolerance",

@@ -3,11 +3,12 @@
 Everything it writes goes to ``output.dir`` (default ``$FEDGT_CACHE/runs/<time>-run<id>``): ``metrics.jsonl``
 (one line per round: LLM scores, the strategy's round log with every rejected or declined reply and why, each
 update's coverage score and whether the round was accepted), ``metrics.png``, ``results.md`` (the table the demo
-prints), ``report.html`` (the run on one self-contained page), ``checkpoints/round-N.pt`` and the final LLM as a
-peft adapter in ``llm_adapter/`` (``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with
-``output.merged``). Each organization's own LLM (transform-then-aggregate) is saved next to it:
-``org_adapters/<node>/own`` (the GT's image of its last update alone) and ``org_adapters/<node>/on_shared`` (on top
-of the shared LLM), for multi-LoRA serving; both are post-processing of what the organization released.
+prints), ``report.html`` (the run on one self-contained page), ``tensorboard/`` (with ``output.tracking``),
+``checkpoints/round-N.pt`` and the final LLM as a peft adapter in ``llm_adapter/``
+(``PeftModel.from_pretrained(base_llm, dir)``; ``merged/`` inside with ``output.merged``). Each organization's own
+LLM (transform-then-aggregate) is saved next to it: ``org_adapters/<node>/own`` (the GT's image of its last update
+alone) and ``org_adapters/<node>/on_shared`` (on top of the shared LLM), for multi-LoRA serving; both are
+post-processing of what the organization released.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from fedgt.server.evaluation import LLMEvaluator
 from fedgt.server.global_adapter import save_dense_peft
 from fedgt.server.html_report import write_report
 from fedgt.server.report import mean_scores, plot_rounds, results_table
+from fedgt.server.tracking import Tracker
 from fedgt.server.translator import Translator, finetune_from_json, lora_from_json
 from strategies.central_dp import CentralDP
 from strategies.grad_transformer import GradTransformerStrategy, QuorumLost
@@ -252,6 +254,8 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         log.warning("output.resume: no usable checkpoint in %s; starting from round 1", out / "checkpoints")
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
+    tracker = Tracker(cfg.output.tracking, out, run_config, first_round if resumed is not None else 0)
+
     def evaluate(server_round: int) -> None:
         t0 = time.perf_counter()
         scores = evaluator(strategy.llm, strategy.llm_weight_change())
@@ -263,6 +267,7 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
             row["own"] = evaluator.own_adapters(torch.stack([strategy.org_llm[n] for n in nodes]),
                                                 [strategy.org_partition[n] for n in nodes], change)
         rows.append(row)
+        tracker.log_round(row)
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row, default=float) + "\n")
             f.flush()
@@ -292,6 +297,7 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
         stopped = str(err)
         log.error("stopping the federation: %s", stopped)
     wall = time.time() - t0
+    tracker.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     (out / "summary.json").write_text(json.dumps({
         "wall_s": wall, "server_peak_rss_mb": peak_mb, "rounds": cfg.federation.num_server_rounds,
