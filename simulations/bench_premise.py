@@ -29,6 +29,7 @@ from fedgt.core.evaluate import evaluate_split
 from fedgt.core.finetune import FinetuneConfig, finetune
 from fedgt.core.lora import LoraSettings, attach_lora
 from fedgt.core.models import PAIRS, count_parameters, find_prepared, load_model
+from fedgt.core.run_config import DataSection, TrainSection
 from fedgt.core.splits import make_domain_splits
 from fedgt.core.world import make_world
 from fedgt.provider.pretrain import prepare_preset
@@ -146,10 +147,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="default")
     p.add_argument("--per-group", type=int, default=16)
-    p.add_argument("--n", type=int, default=128, help="train and test examples per domain")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=DataSection.n_train, help="train and test examples per domain")
+    p.add_argument("--steps", type=int, default=TrainSection.steps)
+    p.add_argument("--lr", type=float, default=TrainSection.lr)
+    p.add_argument("--seed", type=int, default=TrainSection.seed)
     p.add_argument("--freeze-a", action="store_true", help="LoRA-FA (B only), as the federation uses")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     args = p.parse_args()

@@ -34,12 +34,13 @@ from fedgt.core.lora import LoraSettings
 from fedgt.core.metrics import per_domain, summarize
 from fedgt.core.mixture import PretrainData
 from fedgt.core.models import PAIRS, cache_dir
+from fedgt.core.run_config import DataSection, TrainSection
 from fedgt.core.splits import make_domain_splits
 from fedgt.core.world import make_world
 from fedgt.provider.grad_transformer import best_device, load_gt, predict
 from fedgt.provider.pretrain import prepare_model
 from fedgt.provider.probes import probe_features, probe_prompts
-from fedgt.provider.provision import snapshot_steps
+from fedgt.provider.provision import ProviderConfig, snapshot_steps
 from fedgt.provider.public_data import shadow_domains
 from fedgt.provider.same_val import SameDomainVal, pick_domains, same_domain_val
 from fedgt.provider.shadow import CurationConfig, curate, load_pairs
@@ -64,19 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pair", choices=sorted(PAIRS), default=None)
     p.add_argument("--shadow-domains", type=int, default=None, help="built-in shadow domains to curate (default all)")
     p.add_argument("--per-setting", type=int, default=None, help="private domains per setting")
-    p.add_argument("--n-train", type=int, default=128, help="private training examples per organization")
-    p.add_argument("--n-test", type=int, default=128)
+    p.add_argument("--n-train", type=int, default=DataSection.n_train,
+                   help="private training examples per organization")
+    p.add_argument("--n-test", type=int, default=DataSection.n_test)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (organizations and curation)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (both models)")
-    p.add_argument("--batch-size", type=int, default=16, help="fine-tuning batch (organizations and curation)")
-    p.add_argument("--max-length", type=int, default=96, help="fine-tuning tokens per example")
-    p.add_argument("--examples-per-pair", type=int, default=4, help="GT functional loss: shadow examples per pair")
+    p.add_argument("--batch-size", type=int, default=TrainSection.batch_size,
+                   help="fine-tuning batch (organizations and curation)")
+    p.add_argument("--max-length", type=int, default=TrainSection.max_length, help="fine-tuning tokens per example")
+    p.add_argument("--examples-per-pair", type=int, default=ProviderConfig.examples_per_pair,
+                   help="GT functional loss: shadow examples per pair")
     p.add_argument("--curation-dir", type=Path, default=None,
                    help="curate into (or reuse) this folder, e.g. a provider's shadow/ with the same settings")
     p.add_argument("--gt-epochs", type=int, default=None)
-    p.add_argument("--same-val-domains", type=int, default=16,
+    p.add_argument("--same-val-domains", type=int, default=ProviderConfig.same_val_domains,
                    help="training domains re-tuned on other public examples to validate the GT (0: none)")
-    p.add_argument("--probes", type=int, default=32, help="probe prompts the GT reads the update through (0: none)")
+    p.add_argument("--probes", type=int, default=ProviderConfig.probes,
+                   help="probe prompts the GT reads the update through (0: none)")
     p.add_argument("--variants", default="gt,gt_residual,gt_autoregressive,gt_weights_only,paper_gt",
                    help="GT variants to train and score (gt is always trained)")
     p.add_argument("--gt-seeds", default="0", help="training seeds of gt and gt_residual (comma-separated; the "

@@ -50,9 +50,12 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(toy_pair, tmp_path, capsy
     assert "unknown task domain" in capsys.readouterr().err
     assert main(["finetune", "--model", "toy", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "missing" in capsys.readouterr().err
-    assert main(["finetune", "--model", "toy", "--domain", DOMAIN, "--dp-mode", "dp-sgd", "--out",
-                 str(tmp_path)]) == 2
+    assert main(["finetune", "--model", "toy", "--domain", DOMAIN, "--dp-mode", "dp-sgd", "--epsilon", "8",
+                 "--noise-multiplier", "1", "--out", str(tmp_path)]) == 2
     assert "dp.epsilon or dp.noise_multiplier" in capsys.readouterr().err
+    assert main(["finetune", "--model", "toy", "--domain", DOMAIN, "--dp-mode", "update", "--epsilon", "0",
+                 "--out", str(tmp_path)]) == 2
+    assert "dp.epsilon must be > 0" in capsys.readouterr().err
 
 
 def test_user_folder_data_from_the_command_line(toy_pair, tmp_path, capsys) -> None:

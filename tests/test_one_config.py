@@ -53,3 +53,10 @@ def test_the_strategy_constructor_defaults_are_the_run_config_s() -> None:
     assert params["min_replies"].default == FederationSection.min_replies
     assert params["wait_s"].default == FederationSection.wait_s
     assert params["gt_batch_size"].default == GTSection.batch_size
+
+
+def test_a_dp_flag_left_out_takes_the_run_config_s_epsilon() -> None:
+    assert dp_config(_parse("finetune", "--dp-mode", "update")).epsilon == FedConfig().dp.epsilon
+    sigma = dp_config(_parse("finetune", "--dp-mode", "dp-sgd", "--noise-multiplier", "1.0"))
+    assert sigma.epsilon is None and sigma.noise_multiplier == 1.0  # σ given: no ε target
+    assert dp_config(_parse("finetune", "--dp-mode", "dp-sgd", "--epsilon", "2")).epsilon == 2.0

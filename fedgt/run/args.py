@@ -33,7 +33,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=TrainSection.seed)
     d = p.add_argument_group("differential privacy")
     d.add_argument("--dp-mode", choices=DP_MODES, default=DPSection.mode)
-    d.add_argument("--epsilon", type=float, default=None, help="dp-sgd: target ε of the run; update: ε of the release")
+    d.add_argument("--epsilon", type=float, default=None, help="dp-sgd: target ε of the run; update: ε of the release "
+                   f"(default dp.epsilon = {DPSection.epsilon:g} unless --noise-multiplier is given)")
     d.add_argument("--delta", type=float, default=DPSection.delta)
     d.add_argument("--noise-multiplier", type=float, default=None, help="dp-sgd: σ instead of --epsilon")
     d.add_argument("--max-grad-norm", type=float, default=DPSection.max_grad_norm, help="dp-sgd per-sample clip")
@@ -64,7 +65,10 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def dp_config(args: argparse.Namespace) -> DPConfig:
     """DP flags to a typed config (validated there)."""
-    return DPConfig(mode=args.dp_mode, epsilon=args.epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
+    epsilon = args.epsilon
+    if epsilon is None and args.noise_multiplier is None and args.dp_mode != "none":
+        epsilon = DPSection.epsilon
+    return DPConfig(mode=args.dp_mode, epsilon=epsilon, delta=args.delta, noise_multiplier=args.noise_multiplier,
                     max_grad_norm=args.max_grad_norm, update_clip=args.update_clip)
 
 
