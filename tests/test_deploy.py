@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,4 +54,9 @@ def test_loopback_deployment_refuses_strangers_and_outlives_a_site(toy_pair, tmp
     assert sum(1 for reply in replies if reply.get("error")) <= 1  # at most the killed site's awaited reply
     for reply in (reply for reply in replies if not reply.get("error")):
         assert reply["configs"] == {} and reply["metrics"] == {"metrics": ["dp-epsilon-total", "num-examples"]}
+    # The run's report: public loss plotted (no test splits on a deployment's server), each site's ε over rounds.
+    report = (run / "report.html").read_text()
+    ledger = re.search(r"<table id=ledger>(.*?)</table>", report).group(1)
+    assert ledger.count("<tr>") == 4 and ledger.count("<td class=num>-</td>") == 2  # site 2: round 1 only
+    assert 'id="quality-plot"' in report and "No organization test splits" in report
     PeftModel.from_pretrained(load_model(toy_pair[1])[0], str(run / "llm_adapter"))

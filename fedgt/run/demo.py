@@ -76,4 +76,5 @@ def run_demo(app_dir: Path, overrides: dict, out: Path, flwr_home: Path) -> int:
         return rc or 1
     print("\n" + results.read_text())
     print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
+    print(f"the run on one page: {out / 'report.html'} (open it in a browser)")
     return 0
