@@ -53,6 +53,9 @@ def test_the_report_shows_every_reply_s_fate_and_is_self_contained(tmp_path) -> 
                  "dp-epsilon-total=2.5, num-examples=64", "512", "org-a", "strategy.aggregator", "40.0%",
                  "45.0%", "25.0%", "60.0%", "7.25"):  # own adapter, own TinyLM, ceiling EM; a site's seconds
         assert text in page, text
+    per_round = re.search(r"<table id=orgs-rounds>(.*?)</table>", page).group(1)
+    assert "<th>round 1</th>" in per_round and "round 0" not in per_round  # round 0 scored no organization
+    assert "<td>org-a</td><td class=num>0.5</td>" in per_round and "<td>org-b</td><td class=num>0.1</td>" in per_round
     ledger = re.search(r"<table id=ledger>(.*?)</table>", page).group(1)
     assert "<td>11</td><td class=num>2.5</td>" in ledger and "<td>13</td><td class=num>24</td>" in ledger
     assert page.count('src="data:image/png;base64,') == 2  # quality and ε plots

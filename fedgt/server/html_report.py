@@ -161,12 +161,18 @@ def _times_table(rows: list[dict]) -> str:
 
 
 def _orgs_table(rows: list[dict]) -> str:
-    last = next((r["eval"]["orgs"] for r in reversed(rows) if r.get("eval", {}).get("orgs")), None)
-    if not last:
+    per = [(r["round"], r["eval"]["orgs"]) for r in rows if r.get("eval", {}).get("orgs")]
+    if not per:
         return "<p>No organization test splits on the server (a deployment scores public text only).</p>"
+    last = per[-1][1]
     keys = sorted({k for s in last.values() for k in s})
-    return table(["organization", *keys], [[name, *(fmt(s.get(k)) for k in keys)] for name, s in last.items()],
-                 set(range(1, len(keys) + 1)), id="orgs")
+    metric = "exact_match" if any(s.get("exact_match") for _, orgs in per for s in orgs.values()) else "loss"
+    over_rounds = table(["organization", *(f"round {k}" for k, _ in per)],
+                        [[name, *(fmt(orgs.get(name, {}).get(metric)) for _, orgs in per)] for name in last],
+                        set(range(1, len(per) + 1)), id="orgs-rounds")
+    return (table(["organization", *keys], [[name, *(fmt(s.get(k)) for k in keys)] for name, s in last.items()],
+                  set(range(1, len(keys) + 1)), id="orgs")
+            + f"<h3>The shared LLM's {esc(metric)} on each organization's test split, per round</h3>" + over_rounds)
 
 
 def _ledger(rows: list[dict]) -> dict[str, dict[int, float]]:
