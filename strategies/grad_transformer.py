@@ -18,17 +18,17 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    Each organization's own LLM update of the last round is kept (``org_llm``, transform-then-aggregate): its own
    adapter, served next to the shared one.
 3. Round schemes (``strategy.rounds``). The GT was trained on updates from the seeded LoRA init on the base
-   TinyLM. ``retranslate`` (default) keeps the TinyLM adapter as FedAvg does, and each round sets the LLM to the
+   TinyLM. ``retranslate`` keeps the TinyLM adapter as FedAvg does, and each round sets the LLM to the
    GT's image of the organizations' whole adapters (round start + update, relative to the seeded init): always an
    input of the kind the GT was trained on, and no round is counted twice; but from round 2 on each
-   organization's adapter holds the others' mean too, a mix of tasks no curated pair shows. ``fresh`` keeps the
-   TinyLM at the seeded init: every round each organization fine-tunes the base TinyLM on its own data again, so
-   every update the GT reads is exactly of its training kind, and the LLM is re-derived from the round's updates
-   (``distill`` warm-starts the joint adapter from the previous round's). ``merge`` folds both adapters into
-   their base weights and restarts LoRA at the seeded init each round (docs/design.md §2), so each round's update is
-   in distribution but the LLM receives a full-size update every round. ``naive`` adds each round's LLM update to
-   one accumulating adapter.
-4. Spaces (``space``): ``weights`` (default in the app) aggregates each organization's LLM weight change
+   organization's adapter holds the others' mean too, a mix of tasks no curated pair shows. ``fresh`` (the
+   default) keeps the TinyLM at the seeded init: every round each organization fine-tunes the base TinyLM on its
+   own data again, so every update the GT reads is exactly of its training kind, and the LLM is re-derived from the
+   round's updates (``distill`` warm-starts the joint adapter from the previous round's). ``merge`` folds both
+   adapters into their base weights and restarts LoRA at the seeded init each round (docs/design.md §2), so each
+   round's update is in distribution but the LLM receives a full-size update every round. ``naive`` adds each
+   round's LLM update to one accumulating adapter.
+4. Spaces (``space``): ``weights`` (the default) aggregates each organization's LLM weight change
    s * B_i @ A_i, exactly, into one dense change per adapted module (memory independent of the number of
    organizations; saved as an exact LoRA by SVD); ``factors`` averages the LoRA factors as FedAvg does, whose
    product is not the mean of the products (retranslate only for ``weights``).
@@ -40,6 +40,9 @@ TinyLM adapter it sends to organizations, and the LLM adapter nobody outside the
    (``coverage-last-round``). With ``public_loss``, a round is accepted only if the new LLM's public validation
    loss is at most the last accepted one's plus ``accept_tolerance``; otherwise both shared models, the server
    optimizer and the consolidator's warm start go back to where they were (a central-DP round stays accounted).
+
+Every knob's default is the run config's (``fedgt.core.run_config.StrategySection``): ``distill``, ``fresh``,
+``weights``. The default aggregator needs a ``distill`` callable; without one, pass another (``aggregator="mean"``).
 """
 
 from __future__ import annotations

@@ -199,7 +199,8 @@ def test_a_server_killed_mid_run_resumes_to_the_same_adapter(toy_pair, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     broken, home = tmp_path / "broken", tmp_path / "h2"
-    proc = subprocess.Popen(federate(broken, home), cwd=root, env=env, stdout=subprocess.DEVNULL,
+    tracked = ("--set", "output.tracking=tensorboard")
+    proc = subprocess.Popen(federate(broken, home, *tracked), cwd=root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and '"round": 2,' not in ((broken / "metrics.jsonl").read_text()
@@ -213,11 +214,16 @@ def test_a_server_killed_mid_run_resumes_to_the_same_adapter(toy_pair, tmp_path)
     assert not (broken / "results.md").exists()  # it really died mid-run
     refused = subprocess.run(federate(broken, home), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "set output.resume" in refused.stderr
-    done = subprocess.run(federate(broken, home, "--resume"), cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(federate(broken, home, "--resume", *tracked), cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(broken / "tensorboard"))  # the killed run's later events purged: one per round
+    events.Reload()
+    assert [e.step for e in events.Scalars("llm/org-loss")] == [0, 1, 2, 3, 4]
     a = load_file(tmp_path / "unbroken" / "llm_adapter" / "adapter_model.safetensors")
     b = load_file(broken / "llm_adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -292,6 +298,8 @@ def test_strategies_benchmark_quick_mode(fedgt_cache, tmp_path) -> None:
     assert {"headline", "summary", "merge_scales"} <= set(results)
     assert results["headline"]["configuration"] == "distill/transform-then-aggregate/fresh/weights"
     assert all("own_adapter" in run["rounds"][-1] for run in runs.values())
+    page = (tmp_path / "strategies_quick.html").read_text()  # the comparison page, every configuration on it
+    assert "Aggregation strategies compared" in page and all(name in page for name in runs)
 
 
 @pytest.mark.slow
@@ -315,4 +323,4 @@ def test_central_dp_in_a_real_flwr_run_accounts_and_checkpoints_its_accountant(t
     first, second = rows[1]["log"], rows[2]["log"]
     assert len(first["accepted"]) == 2 and second["dp-central-run-epsilon"] > first["dp-central-run-epsilon"] > 0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "round-2.pt", weights_only=False)
-    assert [tuple(h) for h in ckpt["central_dp"]["history"]] == [(1.0, 1.0, 1), (1.0, 1.0, 1)]
+    assert [tuple(h) for h in ckpt["strategy"]["central_dp"]["history"]] == [(1.0, 1.0, 1), (1.0, 1.0, 1)]
