@@ -44,13 +44,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedgt.core.data import public_text_domains  # noqa: E402
 from fedgt.core.org_data import simulated_organizations  # noqa: E402
 from fedgt.core.run_config import FedConfig  # noqa: E402
 from fedgt.core.updates import unflatten  # noqa: E402
 from fedgt.org.release import release  # noqa: E402
 from fedgt.provider.provision import provide, provider_config_for, resolve_model  # noqa: E402
-from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
+from fedgt.server.evaluation import run_evaluator  # noqa: E402
 from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
 from fedgt.server.server_app import _model_state, consolidator, make_strategy  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
@@ -162,9 +161,7 @@ def run_seed(args, cfg: FedConfig, gt_dir: Path, workers) -> dict:
     tiny, llm = _model_state(tiny_name, lora), _model_state(llm_name, lora)  # (update spec, seeded LoRA init)
     n = cfg.federation.num_organizations
     orgs = list(simulated_organizations(cfg, n))
-    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
-    evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
-                             cfg.train.max_length)
+    evaluator = run_evaluator(cfg, llm_name, orgs, translator.device)
     print(f"{n} organizations: the LGR ceiling (the LLM fine-tuned on each)", flush=True)
     evaluator.compute_ceiling(orgs, cfg.finetune_config())
     evaluator(GlobalAdapter(llm[0], llm[1], lora, "naive"))  # the untuned LLM's scores: LGR's zero

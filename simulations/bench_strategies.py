@@ -43,7 +43,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedgt.core.data import public_text_domains  # noqa: E402
 from fedgt.core.identity import model_identity  # noqa: E402
 from fedgt.core.judge import LLMJudge  # noqa: E402
 from fedgt.core.lora import attach_lora, lora_parameters  # noqa: E402
@@ -62,7 +61,7 @@ from fedgt.provider.public_data import task_shadow_domains  # noqa: E402
 from fedgt.provider.shadow import load_pairs  # noqa: E402
 from fedgt.server.compare_report import compare  # noqa: E402
 from fedgt.server.consolidate import Consolidator, DistillConfig  # noqa: E402
-from fedgt.server.evaluation import LLMEvaluator  # noqa: E402
+from fedgt.server.evaluation import LLMEvaluator, run_evaluator  # noqa: E402
 from fedgt.server.global_adapter import GlobalAdapter  # noqa: E402
 from fedgt.server.translator import Translator  # noqa: E402
 from strategies import merging  # noqa: E402
@@ -246,9 +245,7 @@ def run_seed(args, cfg: FedConfig, translator: Translator, gt_dir: Path, scales:
     del tiny_model, llm_model
     n_orgs, rounds = cfg.federation.num_organizations, cfg.federation.num_server_rounds
     orgs = list(simulated_organizations(cfg, n_orgs))
-    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
-    evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
-                             cfg.train.max_length)
+    evaluator = run_evaluator(cfg, llm_name, orgs, translator.device)
     print(f"{n_orgs} organizations: fine-tuning the LLM on each for the LGR ceiling", flush=True)
     evaluator.compute_ceiling(orgs, cfg.finetune_config())
     evaluator(GlobalAdapter(llm_spec, llm_init, lora, "naive"))  # sets the base scores

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from fedgt.core.data import DomainData
+from fedgt.core.data import DomainData, public_text_domains
 from fedgt.core.examples import Example
 from fedgt.core.finetune import FinetuneConfig
 from fedgt.core.judge import LLMJudge
 from fedgt.core.lora import LoraSettings
 from fedgt.core.metrics import pooled_ratio
+from fedgt.core.run_config import FedConfig
 from fedgt.core.updates import flatten
 from fedgt.provider.shadow import LoraTuner
 from fedgt.server.global_adapter import GlobalAdapter, dense_change
@@ -114,3 +115,11 @@ class LLMEvaluator:
         tokens = torch.stack([tuner.tokens(tuner.run(list(o.train), finetune_cfg).update) for o in orgs])
         self.ceiling = self.judge.score(tokens, self.org_tests)
         return self.ceiling
+
+
+def run_evaluator(cfg: FedConfig, llm_name: str, orgs: Sequence[DomainData], device: str | torch.device
+                  ) -> LLMEvaluator:
+    """The evaluator a run config describes: ``eval.public-examples`` of public text, the organizations' test splits."""
+    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
+    return LLMEvaluator(llm_name, cfg.lora_settings(), orgs, public, cfg.eval.test_examples, device,
+                        cfg.train.max_length)

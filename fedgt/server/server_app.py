@@ -44,7 +44,7 @@ from fedgt.server.checkpoint import (
     set_rng_state,
 )
 from fedgt.server.consolidate import Consolidator, DistillConfig
-from fedgt.server.evaluation import LLMEvaluator
+from fedgt.server.evaluation import run_evaluator
 from fedgt.server.global_adapter import save_dense_peft
 from fedgt.server.html_report import write_report
 from fedgt.server.report import mean_scores, plot_rounds, results_table
@@ -227,11 +227,7 @@ def run(grid: Grid, context: Context, cfg: FedConfig, out: Path) -> None:
     # Evaluation: organizations' test splits exist on the server only in simulation.
     n_orgs = cfg.federation.num_organizations
     orgs = list(simulated_organizations(cfg, n_orgs)) if cfg.eval.org_tests else []
-    from fedgt.core.data import public_text_domains
-
-    public = [ex for d in public_text_domains() for ex in d.test][:cfg.eval.public_examples]
-    evaluator = LLMEvaluator(llm_name, lora, orgs, public, cfg.eval.test_examples, translator.device,
-                             cfg.train.max_length)
+    evaluator = run_evaluator(cfg, llm_name, orgs, translator.device)
     if resumed is not None:
         evaluator.base_scores, evaluator.ceiling = resumed["evaluator"]["base"], resumed["evaluator"]["ceiling"]
     elif orgs and cfg.eval.ceiling:
